@@ -1,0 +1,75 @@
+"""``attention_with_lse``: single-device attention that also returns the log-sum-exp."""
+
+from __future__ import annotations
+
+import torch
+
+from attention.backends import AttentionCall, Backend, select_backend
+from attention.checks import check_qkv, needs_grad, resolve_scale
+
+Tensor = torch.Tensor
+
+
+def lse_backward(
+    backend: Backend, dlse: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, scale: float
+) -> tuple[Tensor, Tensor]:
+    """``(dq, dk)`` from a gradient of the lse ``[B, H, S_q]``, through the backend's own backward kernel.
+
+    ``d lse_i / d s_ij = p_ij``, so the score gradient is ``p_ij * dlse_i``. A flash-style backward
+    computes ``ds = p * (dout·v_j - rowsum(dout * out))``: with ``v_j = e_0`` for every key,
+    ``dout_i = dlse_i e_0`` and ``out = 0`` that is exactly ``p_ij * dlse_i``.
+    """
+    v_unit = torch.zeros_like(v)
+    v_unit[..., 0] = 1
+    dout = torch.zeros_like(q)
+    dout[..., 0] = dlse.transpose(1, 2).to(q.dtype)
+    dq, dk, _ = backend.backward(dout, q, k, v_unit, torch.zeros_like(q), lse, scale)
+    return dq, dk
+
+
+class _AttentionWithLse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale, backend):  # type: ignore[override]
+        out, lse = backend.forward(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale, ctx.backend = scale, backend
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):  # type: ignore[override]
+        q, k, v, out, lse = ctx.saved_tensors
+        backend: Backend = ctx.backend
+        dq = dk = dv = None
+        if dout is not None:
+            dq, dk, dv = backend.backward(dout, q, k, v, out, lse, ctx.scale)
+        if dlse is not None:
+            dq_l, dk_l = lse_backward(backend, dlse, q, k, v, lse, ctx.scale)
+            dq = dq_l if dq is None else dq + dq_l
+            dk = dk_l if dk is None else dk + dk_l
+            dv = torch.zeros_like(v) if dv is None else dv
+        return dq, dk, dv, None, None
+
+
+def attention_with_lse(
+    q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, backend: str = "auto"
+) -> tuple[Tensor, Tensor]:
+    """Softmax attention on one device, with its log-sum-exp.
+
+    q ``[B, S_q, H, D]``, k and v ``[B, S_k, H, D]`` → ``out [B, S_q, H, D]`` (q's dtype) and
+    ``lse [B, H, S_q]`` float32, natural log: ``lse = log Σ_k exp(scale · q·k)``. ``scale`` defaults
+    to ``D**-0.5``. ``backend`` is ``"auto"`` (fastest that fits) or a name from ``BACKEND_NAMES``.
+    Differentiable in q, k, v through both outputs.
+    """
+    check_qkv(q, k, v, self_attention=False, what="attention_with_lse")
+    scale = resolve_scale(scale, q.shape[-1])
+    grad = needs_grad(q, k, v)
+    chosen = select_backend(backend, AttentionCall(q.device, q.dtype, q.shape[-1], grad))
+    return run_backend(chosen, q, k, v, scale)
+
+
+def run_backend(backend: Backend, q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """``(out, lse)`` from an already chosen backend; differentiable when q, k or v need gradients."""
+    if not needs_grad(q, k, v):
+        return backend.forward(q, k, v, scale)
+    return _AttentionWithLse.apply(q, k, v, scale, backend)

@@ -1,0 +1,38 @@
+"""Merging partial attention results over disjoint key blocks, via their log-sum-exp."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+def merge_attention(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> tuple[Tensor, Tensor]:
+    """Combine attention over two disjoint key sets into attention over their union.
+
+    ``out``/``block_out`` ``[B, S, H, D]``, ``lse``/``block_lse`` ``[B, H, S]``. Returns float32
+    ``(out, lse)``; cast ``out`` to the input dtype once, after the last merge. Stable form, no
+    explicit exp: ``out -= sigmoid(lse_b - lse) * (out - out_b)``, ``lse -= logsigmoid(lse - lse_b)``.
+    Differentiable.
+    """
+    if out.shape != block_out.shape or lse.shape != block_lse.shape:
+        raise ValueError(
+            f"merge_attention: shapes differ: out {tuple(out.shape)} vs {tuple(block_out.shape)}, "
+            f"lse {tuple(lse.shape)} vs {tuple(block_lse.shape)}"
+        )
+    b, s, h, _ = out.shape
+    if lse.shape != (b, h, s):
+        raise ValueError(f"merge_attention: lse must be [B, H, S] = {(b, h, s)}, got {tuple(lse.shape)}")
+    lse, block_lse = lse.float(), block_lse.float()
+    weight = torch.sigmoid(block_lse - lse).transpose(1, 2).unsqueeze(-1)
+    out = out.float()
+    out = out - weight * (out - block_out.float())
+    return out, lse - F.logsigmoid(lse - block_lse)
+
+
+def merge_attention_(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> None:
+    """In-place :func:`merge_attention` into float32 accumulators ``out`` and ``lse`` (not differentiable)."""
+    weight = torch.sigmoid(block_lse - lse).transpose(1, 2).unsqueeze(-1)
+    out.sub_(weight * (out - block_out))
+    lse.sub_(F.logsigmoid(lse - block_lse))

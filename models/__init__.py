@@ -1,0 +1,1 @@
+"""Model adapters (FLUX, STDiT): not yet implemented."""

@@ -1,0 +1,1 @@
+"""Distributed VAE decoding (not yet implemented: see the DistVAE issue)."""

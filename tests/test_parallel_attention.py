@@ -1,0 +1,156 @@
+"""Ulysses, ring and USP attention against single-device attention: forward, backward, bad input.
+
+Each world size runs in one spawn; hypothesis picks the shapes inside it (the same on every rank).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.distributed as dist
+from dist_utils import agreed_max, excess, rank_settings, reference_attention, run_ranks, worker_setup
+from hypothesis import given
+from hypothesis import strategies as st
+
+from attention import ring_attention, ulysses_attention, usp_attention
+from attention.backends import BACKENDS
+from attention.ring import ring_attention_core
+from xdit_core import ParallelMesh, gather_sequence, shard_sequence
+
+# world size -> meshes (ulysses, ring, batch) checked in that world
+MESHES = {
+    2: [(2, 1, 1), (1, 2, 1)],
+    3: [(3, 1, 1), (1, 3, 1)],
+    4: [(4, 1, 1), (1, 4, 1), (2, 2, 1), (2, 1, 2)],
+}
+EXAMPLES = 10
+
+
+def _primitives(mesh: ParallelMesh):
+    """(name, fn(q, k, v, scale)) for every primitive that applies to this mesh."""
+    yield "usp", lambda q, k, v, s: usp_attention(q, k, v, mesh, scale=s)
+    if mesh.batch_size == 1 and mesh.ring_size == 1:
+        yield "ulysses", lambda q, k, v, s: ulysses_attention(q, k, v, mesh.ulysses_group, scale=s)
+    if mesh.batch_size == 1 and mesh.ulysses_size == 1:
+        yield "ring", lambda q, k, v, s: ring_attention(q, k, v, mesh.ring_group, scale=s)
+
+
+def _parity(mesh: ParallelMesh, fn, name: str) -> dict:
+    stats = {"examples": 0, "max_err": 0.0}
+
+    @rank_settings(EXAMPLES)
+    @given(
+        batch=st.integers(1, 2),
+        s_local=st.integers(1, 6),
+        heads_per_rank=st.integers(1, 3),
+        head_dim=st.sampled_from([1, 4, 8, 16, 40]),
+        scale=st.sampled_from([None, 0.05, 0.7]),
+        seed=st.integers(0, 2**31 - 1),
+    )
+    def check(batch, s_local, heads_per_rank, head_dim, scale, seed):
+        g = torch.Generator().manual_seed(seed)
+        shape = (batch * mesh.batch_size, s_local * mesh.sp_size, heads_per_rank * mesh.ulysses_size, head_dim)
+        q, k, v, dout = (torch.randn(shape, generator=g) for _ in range(4))
+        ref_in = [x.clone().requires_grad_() for x in (q, k, v)]
+        ref = reference_attention(*ref_in, scale)
+        ref.backward(dout)
+
+        # This rank's samples (batch axis), sequence shard by shard_sequence; gradients come back
+        # through gather/shard autograd, so q.grad must equal the single-device gradient.
+        rows = torch.tensor_split(torch.arange(shape[0]), mesh.batch_size)[mesh.batch_rank]
+        full = [x[rows].clone().requires_grad_() for x in (q, k, v)]
+        local = [shard_sequence(x, mesh, dim=1) for x in full]
+        out = gather_sequence(fn(*local, scale), mesh, dim=1)
+        out.backward(dout[rows])
+        errs = [excess(out, ref[rows])] + [excess(a.grad, r.grad[rows]) for a, r in zip(full, ref_in, strict=True)]
+        worst = agreed_max(max(errs))
+        stats["examples"] += 1
+        stats["max_err"] = max(stats["max_err"], (out - ref[rows]).abs().max().item())
+        assert worst <= 0, f"{name} on {mesh.describe()}: shape {shape} scale {scale}: out/dq/dk/dv excess {errs}"
+
+    check()
+    return stats
+
+
+def _bad_input_errors(mesh: ParallelMesh) -> list[str]:
+    """Every bad call must raise ValueError on every rank before any collective."""
+    x = torch.randn(1, 2, 2 * mesh.ulysses_size, 8)
+    odd_heads = torch.randn(1, 2, mesh.ulysses_size + 1, 8) if mesh.ulysses_size > 1 else None
+    cases = {
+        "dtype": lambda: usp_attention(x, x.double(), x, mesh),
+        "rank3": lambda: usp_attention(x[0], x[0], x[0], mesh),
+        "kv_shape": lambda: usp_attention(x, x[:, :1], x[:, :1], mesh),
+        "backend_name": lambda: usp_attention(x, x, x, mesh, backend="nope"),
+        "backend_cuda": lambda: usp_attention(x, x, x, mesh, backend="cudnn"),
+        "scale": lambda: usp_attention(x, x, x, mesh, scale=float("nan")),
+    }
+    if odd_heads is not None:
+        cases["heads"] = lambda: ulysses_attention(odd_heads, odd_heads, odd_heads, mesh.ulysses_group)
+    messages = []
+    for name, call in cases.items():
+        try:
+            call()
+        except ValueError as e:
+            messages.append(f"{name}: {e}")
+        else:
+            raise AssertionError(f"{name}: no ValueError on rank {dist.get_rank()}")
+    dist.barrier()  # every rank is still in step: nothing entered a collective
+    return messages
+
+
+def _corrupt_lse(kind: str):
+    base = next(b for b in BACKENDS if b.name == "cpu_flash")
+
+    def forward(q, k, v, scale):
+        out, lse = base.forward(q, k, v, scale)
+        return out, torch.zeros_like(lse) if kind == "zero" else lse.to(torch.bfloat16).float()
+
+    return dataclasses.replace(base, name=f"cpu_flash_{kind}_lse", forward=forward)
+
+
+def _corrupted_lse_is_caught(world: int) -> dict[str, float]:
+    """A zero or bf16-rounded LSE must fail the fp32 ring parity check."""
+    group = dist.group.WORLD
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, 16 * world, 3, 32, generator=g) for _ in range(3))
+    ref = reference_attention(q, k, v, None)
+    rank = dist.get_rank()
+    rows = torch.tensor_split(torch.arange(16 * world), world)[rank]
+    found = {}
+    for kind in ("zero", "bf16"):
+        out = ring_attention_core(q[:, rows], k[:, rows], v[:, rows], group, 32**-0.5, _corrupt_lse(kind))
+        found[kind] = agreed_max(excess(out, ref[:, rows]))
+        assert found[kind] > 0, f"a {kind} LSE passed the ring parity check"
+    good = ring_attention(q[:, rows], k[:, rows], v[:, rows], group)
+    assert agreed_max(excess(good, ref[:, rows])) <= 0
+    return found
+
+
+def _world_worker(world: int) -> dict:
+    worker_setup()
+    report: dict = {"parity": {}, "errors": {}}
+    for u, r, b in MESHES[world]:
+        mesh = ParallelMesh.build(ulysses=u, ring=r, batch=b)
+        for name, fn in _primitives(mesh):
+            report["parity"][f"{name} {mesh.describe()}"] = _parity(mesh, fn, name)
+        report["errors"][mesh.describe()] = _bad_input_errors(mesh)
+    report["corrupt"] = _corrupted_lse_is_caught(world)
+    return report
+
+
+@pytest.mark.parametrize("world", sorted(MESHES))
+def test_parallel_attention_matches_single_device(world):
+    reports = run_ranks(_world_worker, world, world)
+    report = reports[0]
+    expected = {f"{n} {m}" for m in report["errors"] for n in ("usp",)}
+    assert expected <= set(report["parity"])
+    for key, stats in report["parity"].items():
+        assert stats["examples"] == EXAMPLES, key
+        assert stats["max_err"] < 1e-5, key
+    for msgs in report["errors"].values():
+        assert any("does not" in m or "heads" in m for m in msgs) or len(msgs) >= 6
+    # Every rank raised the same messages (identical decisions, so no rank waits in a collective).
+    assert all(r["errors"] == report["errors"] for r in reports)
+    assert report["corrupt"]["zero"] > 1e-3 and report["corrupt"]["bf16"] > 0

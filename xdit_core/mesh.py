@@ -1,0 +1,131 @@
+"""The process mesh: which ranks form the ulysses, ring, batch and sequence-parallel groups.
+
+World ranks are laid out as a ``batch × ring × ulysses`` grid with ulysses varying fastest, so each
+ulysses group is a run of contiguous ranks (the fast links on one host)::
+
+    rank = (batch_rank * ring_size + ring_rank) * ulysses_size + ulysses_rank
+    sp_rank = ring_rank * ulysses_size + ulysses_rank
+
+``sp_rank`` is the index of the sequence chunk a rank owns (``shard_sequence`` takes chunk ``sp_rank``);
+Ulysses and ring attention assume exactly this order, so it is defined here once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+AXES = ("batch", "ring", "ulysses")
+
+
+def mesh_coordinates(rank: int, *, ulysses: int, ring: int, batch: int = 1) -> tuple[int, int, int]:
+    """``(batch_rank, ring_rank, ulysses_rank)`` of a world rank in a ``batch × ring × ulysses`` grid."""
+    _check_degrees(ulysses, ring, batch)
+    if not 0 <= rank < ulysses * ring * batch:
+        raise ValueError(f"rank {rank} is outside a mesh of {ulysses * ring * batch} ranks")
+    ulysses_rank = rank % ulysses
+    ring_rank = (rank // ulysses) % ring
+    batch_rank = rank // (ulysses * ring)
+    return batch_rank, ring_rank, ulysses_rank
+
+
+def sp_index(ring_rank: int, ulysses_rank: int, ulysses: int) -> int:
+    """The sequence chunk owned by the rank at ``(ring_rank, ulysses_rank)``."""
+    return ring_rank * ulysses + ulysses_rank
+
+
+def _check_degrees(ulysses: int, ring: int, batch: int) -> None:
+    for name, value in (("ulysses", ulysses), ("ring", ring), ("batch", batch)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"mesh degree {name}={value!r} must be a positive integer")
+
+
+def suggest_meshes(world_size: int) -> list[str]:
+    """Every ``ulysses × ring`` split of ``world_size`` (batch 1), as readable strings."""
+    return [f"ulysses={u}, ring={world_size // u}" for u in range(1, world_size + 1) if world_size % u == 0]
+
+
+@dataclass(frozen=True)
+class ParallelMesh:
+    """A ``batch × ring × ulysses`` mesh over an initialised ``torch.distributed`` world.
+
+    Build it with :meth:`build`; every communicating function takes it (or one of its groups)
+    explicitly. ``sp_group`` spans ``ring × ulysses`` (the ranks that share one sequence).
+    """
+
+    device_mesh: DeviceMesh
+    ulysses_group: dist.ProcessGroup
+    ring_group: dist.ProcessGroup
+    batch_group: dist.ProcessGroup
+    sp_group: dist.ProcessGroup
+    ulysses_size: int
+    ring_size: int
+    batch_size: int
+    ulysses_rank: int
+    ring_rank: int
+    batch_rank: int
+
+    @property
+    def sp_size(self) -> int:
+        """Number of ranks sharing one sequence (``ulysses_size * ring_size``)."""
+        return self.ulysses_size * self.ring_size
+
+    @property
+    def sp_rank(self) -> int:
+        """Index of the sequence chunk this rank owns, in ``shard_sequence`` order."""
+        return sp_index(self.ring_rank, self.ulysses_rank, self.ulysses_size)
+
+    @property
+    def world_size(self) -> int:
+        return self.sp_size * self.batch_size
+
+    @classmethod
+    def build(cls, *, ulysses: int = 1, ring: int = 1, batch: int = 1, device_type: str | None = None) -> ParallelMesh:
+        """Build the mesh over the current world; ``ulysses * ring * batch`` must equal its size.
+
+        ``device_type`` defaults to ``"cuda"`` for an NCCL world and ``"cpu"`` otherwise.
+        """
+        _check_degrees(ulysses, ring, batch)
+        if not dist.is_initialized():
+            raise ValueError(
+                "ParallelMesh.build needs an initialised torch.distributed world: call "
+                "xdit_core.init_distributed() under torchrun, or run inside xdit_core.spawn(...)"
+            )
+        world = dist.get_world_size()
+        if ulysses * ring * batch != world:
+            raise ValueError(
+                f"mesh degrees ulysses={ulysses} × ring={ring} × batch={batch} = {ulysses * ring * batch} "
+                f"do not match the world size {world}; with batch={batch} choose one of: "
+                + (
+                    "; ".join(suggest_meshes(world // batch))
+                    if world % batch == 0
+                    else f"(none: batch={batch} does not divide {world})"
+                )
+            )
+        if device_type is None:
+            device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        device_mesh = init_device_mesh(device_type, (batch, ring, ulysses), mesh_dim_names=AXES)
+        batch_rank, ring_rank, ulysses_rank = mesh_coordinates(dist.get_rank(), ulysses=ulysses, ring=ring, batch=batch)
+        sp = ulysses * ring
+        # Every rank must create every sp group, in the same order.
+        sp_group, _ = dist.new_subgroups_by_enumeration([list(range(b * sp, (b + 1) * sp)) for b in range(batch)])
+        return cls(
+            device_mesh=device_mesh,
+            ulysses_group=device_mesh.get_group("ulysses"),
+            ring_group=device_mesh.get_group("ring"),
+            batch_group=device_mesh.get_group("batch"),
+            sp_group=sp_group,
+            ulysses_size=ulysses,
+            ring_size=ring,
+            batch_size=batch,
+            ulysses_rank=ulysses_rank,
+            ring_rank=ring_rank,
+            batch_rank=batch_rank,
+        )
+
+    def describe(self) -> str:
+        """A short label such as ``"u2×r2"`` or ``"b2×u2×r1"``."""
+        label = f"u{self.ulysses_size}×r{self.ring_size}"
+        return label if self.batch_size == 1 else f"b{self.batch_size}×{label}"
