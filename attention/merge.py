@@ -32,7 +32,10 @@ def merge_attention(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tens
 
 
 def merge_attention_(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> None:
-    """In-place :func:`merge_attention` into float32 accumulators ``out`` and ``lse`` (not differentiable)."""
+    """In-place :func:`merge_attention` into float32 accumulators ``out`` and ``lse`` (not differentiable).
+
+    ``out += sigmoid(lse_b - lse) * (out_b - out)`` as one ``lerp_`` over the large tensor.
+    """
     weight = torch.sigmoid(block_lse - lse).transpose(1, 2).unsqueeze(-1)
-    out.sub_(weight * (out - block_out))
+    out.lerp_(block_out.to(out.dtype), weight)
     lse.sub_(F.logsigmoid(lse - block_lse))

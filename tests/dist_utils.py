@@ -15,6 +15,7 @@ from xdit_core import spawn
 ATOL = 1e-5
 RTOL = 1e-5
 
+
 # Settings for hypothesis inside spawned ranks: every rank must draw the same examples in the same
 # order (derandomize, no database) and never diverge (no shrinking: a failure is reported as drawn).
 def rank_settings(max_examples: int) -> settings:

@@ -29,12 +29,12 @@ EXAMPLES = 10
 
 
 def _primitives(mesh: ParallelMesh):
-    """(name, fn(q, k, v, scale)) for every primitive that applies to this mesh."""
-    yield "usp", lambda q, k, v, s: usp_attention(q, k, v, mesh, scale=s)
+    """(name, fn(q, k, v, scale, chunks)) for every primitive that applies to this mesh."""
+    yield "usp", lambda q, k, v, s, c: usp_attention(q, k, v, mesh, scale=s, head_chunks=c)
     if mesh.batch_size == 1 and mesh.ring_size == 1:
-        yield "ulysses", lambda q, k, v, s: ulysses_attention(q, k, v, mesh.ulysses_group, scale=s)
+        yield "ulysses", lambda q, k, v, s, c: ulysses_attention(q, k, v, mesh.ulysses_group, scale=s, head_chunks=c)
     if mesh.batch_size == 1 and mesh.ulysses_size == 1:
-        yield "ring", lambda q, k, v, s: ring_attention(q, k, v, mesh.ring_group, scale=s)
+        yield "ring", lambda q, k, v, s, c: ring_attention(q, k, v, mesh.ring_group, scale=s)
 
 
 def _parity(mesh: ParallelMesh, fn, name: str) -> dict:
@@ -47,9 +47,11 @@ def _parity(mesh: ParallelMesh, fn, name: str) -> dict:
         heads_per_rank=st.integers(1, 3),
         head_dim=st.sampled_from([1, 4, 8, 16, 40]),
         scale=st.sampled_from([None, 0.05, 0.7]),
+        chunk_choice=st.integers(0, 3),
         seed=st.integers(0, 2**31 - 1),
     )
-    def check(batch, s_local, heads_per_rank, head_dim, scale, seed):
+    def check(batch, s_local, heads_per_rank, head_dim, scale, chunk_choice, seed):
+        chunks = None if chunk_choice == 0 else min(chunk_choice, heads_per_rank)
         g = torch.Generator().manual_seed(seed)
         shape = (batch * mesh.batch_size, s_local * mesh.sp_size, heads_per_rank * mesh.ulysses_size, head_dim)
         q, k, v, dout = (torch.randn(shape, generator=g) for _ in range(4))
@@ -62,13 +64,20 @@ def _parity(mesh: ParallelMesh, fn, name: str) -> dict:
         rows = torch.tensor_split(torch.arange(shape[0]), mesh.batch_size)[mesh.batch_rank]
         full = [x[rows].clone().requires_grad_() for x in (q, k, v)]
         local = [shard_sequence(x, mesh, dim=1) for x in full]
-        out = gather_sequence(fn(*local, scale), mesh, dim=1)
+        out = gather_sequence(fn(*local, scale, chunks), mesh, dim=1)
         out.backward(dout[rows])
         errs = [excess(out, ref[rows])] + [excess(a.grad, r.grad[rows]) for a, r in zip(full, ref_in, strict=True)]
+        with torch.no_grad():  # inference takes the pipelined (head-chunked, overlapped) path
+            chunk = torch.tensor_split(torch.arange(shape[1]), mesh.sp_size)[mesh.sp_rank]
+            plain = [x[rows][:, chunk] for x in (q, k, v)]
+            errs.append(excess(fn(*plain, scale, chunks), ref[rows][:, chunk]))
         worst = agreed_max(max(errs))
         stats["examples"] += 1
         stats["max_err"] = max(stats["max_err"], (out - ref[rows]).abs().max().item())
-        assert worst <= 0, f"{name} on {mesh.describe()}: shape {shape} scale {scale}: out/dq/dk/dv excess {errs}"
+        assert worst <= 0, (
+            f"{name} on {mesh.describe()}: shape {shape} scale {scale} chunks {chunks}: "
+            f"out/dq/dk/dv/no-grad out excess {errs}"
+        )
 
     check()
     return stats
@@ -85,6 +94,7 @@ def _bad_input_errors(mesh: ParallelMesh) -> list[str]:
         "backend_name": lambda: usp_attention(x, x, x, mesh, backend="nope"),
         "backend_cuda": lambda: usp_attention(x, x, x, mesh, backend="cudnn"),
         "scale": lambda: usp_attention(x, x, x, mesh, scale=float("nan")),
+        "head_chunks": lambda: usp_attention(x, x, x, mesh, head_chunks=3),
     }
     if odd_heads is not None:
         cases["heads"] = lambda: ulysses_attention(odd_heads, odd_heads, odd_heads, mesh.ulysses_group)

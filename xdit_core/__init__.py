@@ -1,6 +1,6 @@
 """Mesh, start-up and collectives for sequence-parallel attention."""
 
-from xdit_core.collectives import all_to_all, gather_sequence, shard_sequence
+from xdit_core.collectives import all_gather, all_to_all, gather_sequence, shard_sequence
 from xdit_core.launch import DistributedContext, init_distributed, spawn
 from xdit_core.mesh import ParallelMesh, mesh_coordinates, sp_index
 from xdit_core.ring_exchange import RingExchange
@@ -9,6 +9,7 @@ __all__ = [
     "DistributedContext",
     "ParallelMesh",
     "RingExchange",
+    "all_gather",
     "all_to_all",
     "gather_sequence",
     "init_distributed",

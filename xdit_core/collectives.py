@@ -108,8 +108,14 @@ def gather_sequence(x_local: torch.Tensor, mesh: ParallelMesh, dim: int = 1) -> 
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-def _all_gather_along(x: torch.Tensor, group: dist.ProcessGroup, world: int, dim: int) -> torch.Tensor:
-    out = x.new_empty((world * x.shape[0], *x.shape[1:]) if x.dim() else (world,))
+def all_gather(x: torch.Tensor, group: dist.ProcessGroup, *, dim: int) -> torch.Tensor:
+    """Concatenate every rank's ``x`` along ``dim`` in group-rank order (same shape on every rank).
+
+    One collective; not differentiable (see ``gather_sequence`` for the autograd version).
+    """
+    world = dist.get_world_size(group)
+    dim = dim % x.dim()
+    out = x.new_empty((world * x.shape[0], *x.shape[1:]))
     _all_gather_single(out, x.contiguous(), group=group)
     return out.unflatten(0, (world, -1)).movedim(0, dim).flatten(dim, dim + 1)
 
@@ -125,14 +131,14 @@ class _Shard(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         if len(set(ctx.sizes)) != 1:
             raise ValueError(f"shard_sequence backward needs equal chunks; got lengths {ctx.sizes} along dim {ctx.dim}")
-        return _all_gather_along(grad, ctx.group, ctx.world, ctx.dim), None, None, None, None
+        return all_gather(grad, ctx.group, dim=ctx.dim), None, None, None, None
 
 
 class _Gather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_local, group, world, rank, dim):  # type: ignore[override]
         ctx.world, ctx.rank, ctx.dim = world, rank, dim
-        return _all_gather_along(x_local, group, world, dim)
+        return all_gather(x_local, group, dim=dim)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]

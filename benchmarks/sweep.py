@@ -1,0 +1,254 @@
+"""Scaling sweep: time and check every sequence-parallel primitive over world sizes and meshes.
+
+On a CPU (the default) it spawns gloo worlds of 1, 2 and 4 processes itself and uses small shapes::
+
+    python benchmarks/sweep.py
+
+On GPUs, launch one torchrun per world size (NCCL, real FLUX sizes), then merge the results::
+
+    for n in 1 2 4; do torchrun --nproc_per_node $n benchmarks/sweep.py --out results; done
+    python benchmarks/sweep.py --report results
+
+Every row is checked against single-device attention on the same inputs; the table gives the
+median time per call of the slowest rank, the speedup over one device and the error. Results go to
+``<out>/sweep.json``, ``sweep.csv`` and ``speedup.png``. Workloads are functions in ``WORKLOADS``
+that yield rows, so model-level workloads (FLUX transformer, VAE decode) plug in beside attention.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from workloads import attention_workload
+
+from xdit_core import ParallelMesh, init_distributed, spawn
+
+WORKLOADS: dict[str, Callable[[argparse.Namespace, Timer], Iterator[dict]]] = {
+    "attention": attention_workload,
+}
+
+
+@dataclass
+class Timer:
+    """Median per-call time of the slowest rank: ``reps`` timed loops of ``iters`` calls each."""
+
+    device: torch.device
+    warmup: int
+    iters: int
+    reps: int
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        for _ in range(self.warmup):
+            fn()
+        samples = []
+        for _ in range(self.reps):
+            self._sync()
+            dist.barrier()
+            if self.device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(self.iters):
+                    fn()
+                end.record()
+                end.synchronize()
+                samples.append(start.elapsed_time(end) / self.iters)
+            else:
+                t0 = time.perf_counter()
+                for _ in range(self.iters):
+                    fn()
+                samples.append((time.perf_counter() - t0) * 1e3 / self.iters)
+        median = torch.tensor([statistics.median(samples)], dtype=torch.float64, device=self._collective_device())
+        dist.all_reduce(median, op=dist.ReduceOp.MAX)
+        return median.item()
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _collective_device(self) -> torch.device:
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def meshes_for(world: int) -> list[tuple[int, int]]:
+    """Every ``(ulysses, ring)`` with product ``world``."""
+    return [(u, world // u) for u in range(world, 0, -1) if world % u == 0]
+
+
+def run_world(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """All workloads on the current world; rows are returned on rank 0 (others return [])."""
+    torch.manual_seed(0)
+    timer = Timer(device, warmup=args.warmup, iters=args.iters, reps=args.reps)
+    rows = []
+    for name in args.workloads:
+        for row in WORKLOADS[name](args, timer):
+            rows.append(row)
+            if dist.get_rank() == 0:
+                print(_progress_line(row), flush=True)
+    return rows if dist.get_rank() == 0 else []
+
+
+def _progress_line(row: dict) -> str:
+    status = "ok" if row["ok"] else "FAILED"
+    return (
+        f"  world {row['world']} {row['variant']:<12} {row['mesh']:<7} {row['shape']:<22} "
+        f"{row['median_ms']:9.3f} ms  err {row['max_err']:.2e} (1-device {row['ref_err']:.2e}) {status}"
+    )
+
+
+def _spawned_world(args: argparse.Namespace) -> list[dict]:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))
+    return run_world(args, torch.device("cpu"))
+
+
+def write_report(rows: list[dict], out: Path) -> str:
+    """Speedups over world 1, the table, CSV/JSON and the plot. Returns the table text."""
+    base = {(r["workload"], r["shape"]): r["median_ms"] for r in rows if r["world"] == 1 and r["variant"] == "single"}
+    for r in rows:
+        one = base.get((r["workload"], r["shape"]))
+        r["speedup"] = round(one / r["median_ms"], 3) if one else None
+    rows.sort(key=lambda r: (r["workload"], r["shape"], r["world"], r["median_ms"]))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps(rows, indent=1))
+    with open(out / "sweep.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    header = (
+        f"{'workload':<10} {'shape':<24} {'world':>5} {'variant':<12} {'mesh':<7} {'backend':<10} "
+        f"{'median ms':>10} {'speedup':>8} {'max err':>9} {'1-dev err':>9} ok"
+    )
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        speed = f"{r['speedup']:.2f}" if r["speedup"] else "-"
+        lines.append(
+            f"{r['workload']:<10} {r['shape']:<24} {r['world']:>5} {r['variant']:<12} {r['mesh']:<7} "
+            f"{r['backend']:<10} {r['median_ms']:>10.3f} {speed:>8} {r['max_err']:>9.2e} {r['ref_err']:>9.2e} "
+            f"{'yes' if r['ok'] else 'NO'}"
+        )
+    table = "\n".join(lines)
+    (out / "sweep.txt").write_text(table + "\n")
+    _plot(rows, out / "speedup.png")
+    return table
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install -e .[bench])")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series: dict[tuple[str, str], dict[int, float]] = {}
+    for r in rows:
+        if r["speedup"] is None or r["variant"] == "allgather_kv" or r["variant"].startswith("single "):
+            continue
+        best = series.setdefault((r["workload"], r["shape"]), {})
+        best[r["world"]] = max(best.get(r["world"], 0.0), r["speedup"])
+    worlds = sorted({r["world"] for r in rows})
+    for (workload, shape), pts in sorted(series.items()):
+        xs = sorted(pts)
+        ax.plot(xs, [pts[x] for x in xs], marker="o", label=f"{workload} {shape} (best mesh)")
+    ax.plot(worlds, worlds, "k--", lw=0.8, label="linear")
+    ax.set_xlabel("devices")
+    ax.set_ylabel("speedup over 1 device")
+    ax.set_xticks(worlds)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workloads", default="attention", help="comma-separated: " + ", ".join(WORKLOADS))
+    p.add_argument("--worlds", default="1,2,4", help="CPU mode: world sizes to spawn (default 1,2,4)")
+    p.add_argument("--seq", default=None, help="global sequence lengths (default CPU 512,2048; GPU 4608,16896)")
+    p.add_argument("--heads", type=int, default=None, help="heads (default CPU 8; GPU 24)")
+    p.add_argument("--head-dim", type=int, default=None, help="head dim (default CPU 64; GPU 128)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default CPU float32; GPU bf16)")
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--variants", default="ulysses,ring,usp,allgather_kv")
+    p.add_argument("--head-chunks", default="", help="also time ulysses with these head_chunks, e.g. 1,2,3,6")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--out", default="results", help="folder for sweep.json / .csv / .txt / speedup.png")
+    p.add_argument("--report", default=None, help="only merge the world_*.json files in this folder")
+    args = p.parse_args(argv)
+    args.workloads = [w for w in args.workloads.split(",") if w]
+    unknown = [w for w in args.workloads if w not in WORKLOADS]
+    if unknown:
+        p.error(f"unknown workloads {unknown}; choose from {list(WORKLOADS)}")
+    args.variants = [v for v in args.variants.split(",") if v]
+    args.head_chunks = [int(c) for c in args.head_chunks.split(",") if c]
+    return args
+
+
+def _apply_defaults(args: argparse.Namespace, gpu: bool) -> None:
+    defaults = {
+        "seq": "4608,16896" if gpu else "512,2048",
+        "heads": 24 if gpu else 8,
+        "head_dim": 128 if gpu else 64,
+        "dtype": "bfloat16" if gpu else "float32",
+        "warmup": 5 if gpu else 2,
+        "iters": 20 if gpu else 3,
+        "reps": 10 if gpu else 5,
+    }
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.seq = [int(s) for s in str(args.seq).split(",")]
+    args.dtype_t = getattr(torch, args.dtype)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    out = Path(args.out)
+    if args.report:
+        folder = Path(args.report)
+        rows = [r for f in sorted(folder.glob("world_*.json")) for r in json.loads(f.read_text())]
+        print(write_report(rows, folder))
+        return
+    if "WORLD_SIZE" in os.environ:  # under torchrun: this world only, results appended per world
+        ctx = init_distributed()
+        _apply_defaults(args, gpu=ctx.device.type == "cuda")
+        if ctx.rank == 0:
+            print(f"sweep: world {ctx.world_size} on {ctx.device.type}, seq {args.seq}, {args.dtype}", flush=True)
+        rows = run_world(args, ctx.device)
+        if ctx.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"world_{ctx.world_size}.json").write_text(json.dumps(rows, indent=1))
+        dist.destroy_process_group()
+        return
+    _apply_defaults(args, gpu=False)
+    rows = []
+    for world in [int(w) for w in args.worlds.split(",")]:
+        print(f"sweep: spawning {world} CPU process(es) (gloo), seq {args.seq}, {args.dtype}", flush=True)
+        rows += spawn(_spawned_world, world, args, backend="gloo", timeout_s=1800)[0]
+    print(write_report(rows, out))
+    print(f"\nwrote {out}/sweep.json, sweep.csv, sweep.txt, speedup.png")
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["WORKLOADS", "ParallelMesh", "Timer", "meshes_for", "run_world", "write_report"]

@@ -1,0 +1,109 @@
+"""Sweep workloads: each yields one row per (shape, variant, mesh), checked against one device."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from attention import (
+    AttentionCall,
+    attention_with_lse,
+    available_backends,
+    ring_attention,
+    ulysses_attention,
+    usp_attention,
+)
+from xdit_core import ParallelMesh, all_gather
+
+
+def allgather_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup):
+    """Peer baseline: all-gather K and V (one collective), then local attention of the local queries."""
+    full = all_gather(torch.stack((k, v)), group, dim=2)  # [2, B, S, H, D]
+    return attention_with_lse(q, full[0], full[1])[0]
+
+
+def _variants(mesh: ParallelMesh, args: Any) -> Iterator[tuple[str, Callable[..., Any]]]:
+    u, r, heads, wanted = mesh.ulysses_size, mesh.ring_size, args.heads, args.variants
+    if r == 1 and heads % u == 0 and "ulysses" in wanted:
+        yield "ulysses", lambda q, k, v: ulysses_attention(q, k, v, mesh.ulysses_group)
+        for c in args.head_chunks:
+            if c <= heads // u:
+                yield (
+                    f"ulysses c{c}",
+                    lambda q, k, v, c=c: ulysses_attention(q, k, v, mesh.ulysses_group, head_chunks=c),
+                )
+    if u == 1 and "ring" in wanted:
+        yield "ring", lambda q, k, v: ring_attention(q, k, v, mesh.ring_group)
+    if u > 1 and r > 1 and heads % u == 0 and "usp" in wanted:
+        yield "usp", lambda q, k, v: usp_attention(q, k, v, mesh)
+    if u == mesh.sp_size and "allgather_kv" in wanted:
+        yield "allgather_kv", lambda q, k, v: allgather_kv_attention(q, k, v, mesh.sp_group)
+
+
+def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention in high precision (float64 on CPU, float32 on GPU) in [B, S, H, D]."""
+    hi = torch.float64 if q.device.type == "cpu" else torch.float32
+    out = F.scaled_dot_product_attention(*(x.to(hi).transpose(1, 2) for x in (q, k, v)))
+    return out.transpose(1, 2)
+
+
+def attention_workload(args: Any, timer: Any) -> Iterator[dict]:
+    """Ulysses / ring / USP (and the all-gather-KV baseline) over every mesh of this world."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    device = timer.device
+    meshes = [(u, world // u) for u in range(world, 0, -1) if world % u == 0]
+    built = {m: ParallelMesh.build(ulysses=m[0], ring=m[1], device_type=device.type) for m in meshes}
+    for seq in args.seq:
+        shape = (args.batch, seq, args.heads, args.head_dim)
+        label = f"B{shape[0]} S{seq} H{shape[2]} D{shape[3]}"
+        if seq % world:
+            if rank == 0:
+                print(f"  skip {label} on {world} ranks: S not divisible (uneven lengths: any-shape issue)")
+            continue
+        gen = torch.Generator(device).manual_seed(seq)
+        q, k, v = (torch.randn(shape, generator=gen, device=device, dtype=args.dtype_t) for _ in range(3))
+        rows = torch.tensor_split(torch.arange(seq, device=device), world)[rank]  # sp_rank == rank (batch 1)
+        q_local, k_local, v_local = (x[:, rows].contiguous() for x in (q, k, v))
+        ref = _reference(q_local, k, v)
+        single = attention_with_lse(q_local, k, v, backend=args.backend)[0]
+        ref_err = _agreed_max((single.double() - ref.double()).abs().max().item(), device)
+        backend = available_backends(AttentionCall(device, args.dtype_t, args.head_dim, False))[0]
+        if args.backend != "auto":
+            backend = args.backend
+        common = {"workload": "attention", "shape": label, "world": world, "backend": backend, "ref_err": ref_err}
+        if world == 1:
+            ms = timer(lambda q=q, k=k, v=v: attention_with_lse(q, k, v, backend=args.backend))
+            yield {**common, "variant": "single", "mesh": "1", "median_ms": ms, "max_err": ref_err, "ok": True}
+            kernels = available_backends(AttentionCall(device, args.dtype_t, args.head_dim, False))
+            for name in kernels if args.backend == "auto" else []:  # each kernel on its own, for reference
+                out = attention_with_lse(q_local, k, v, backend=name)[0]
+                err = _agreed_max((out.double() - ref.double()).abs().max().item(), device)
+                ms = timer(lambda q=q, k=k, v=v, name=name: attention_with_lse(q, k, v, backend=name))
+                row = {**common, "backend": name, "variant": f"single {name}", "mesh": "1", "median_ms": ms}
+                yield {**row, "max_err": err, "ok": err <= max(2 * ref_err, 1e-5)}
+            continue
+        for (u, r), mesh in built.items():
+            for variant, fn in _variants(mesh, args):
+                out = fn(q_local, k_local, v_local)
+                err = _agreed_max((out.double() - ref.double()).abs().max().item(), device)
+                tol = max(2 * ref_err, 1e-5 if args.dtype_t == torch.float32 else 0.0)
+                ms = timer(lambda fn=fn, q=q_local, k=k_local, v=v_local: fn(q, k, v))
+                mesh_label = f"u{u}r{r}"
+                yield {
+                    **common,
+                    "variant": variant,
+                    "mesh": mesh_label,
+                    "median_ms": ms,
+                    "max_err": err,
+                    "ok": err <= tol,
+                }
+
+
+def _agreed_max(value: float, device: torch.device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
