@@ -25,18 +25,19 @@ def _ring_forward(
     q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup, scale: float, backend: Backend
 ) -> tuple[Tensor, Tensor]:
     ring = RingExchange(group)
+    kv = torch.stack((k, v))  # one buffer travels: [2, B, S_local, H, D]
     out = lse = None
     for step in range(ring.size):
         last = step == ring.size - 1
         if not last:
-            ring.start(k, v)
-        block_out, block_lse = backend.forward(q, k, v, scale)
+            ring.start(kv)
+        block_out, block_lse = backend.forward(q, kv[0], kv[1], scale)
         if out is None:
             out, lse = block_out.float(), block_lse.float()
         else:
             merge_attention_(out, lse, block_out, block_lse)
         if not last:
-            k, v = ring.wait()
+            kv = ring.wait()
     return out.to(q.dtype), lse
 
 
@@ -53,25 +54,24 @@ class _RingAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         backend: Backend = ctx.backend
         kv_ring, grad_ring = RingExchange(ctx.group), RingExchange(ctx.group)
-        k_blk, v_blk = k, v
+        kv = torch.stack((k, v))
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
-        dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+        dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
         for step in range(kv_ring.size):
             last = step == kv_ring.size - 1
             if not last:
-                kv_ring.start(k_blk, v_blk)
-            block_dq, block_dk, block_dv = backend.backward(dout, q, k_blk, v_blk, out, lse, ctx.scale)
+                kv_ring.start(kv)
+            block_dq, block_dk, block_dv = backend.backward(dout, q, kv[0], kv[1], out, lse, ctx.scale)
             dq += block_dq
             if step > 0:
-                dk, dv = grad_ring.wait()  # the gradient buffers of the block we now hold
-            dk += block_dk
-            dv += block_dv
-            grad_ring.start(dk, dv)
+                dkv = grad_ring.wait()  # the gradient buffer of the block we now hold
+            dkv[0] += block_dk
+            dkv[1] += block_dv
+            grad_ring.start(dkv)
             if not last:
-                k_blk, v_blk = kv_ring.wait()
-        dk, dv = grad_ring.wait()  # our own block's gradients, back from their last visit
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+                kv = kv_ring.wait()
+        dkv = grad_ring.wait()  # our own block's gradients, back from their last visit
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
 
 
 def ring_attention_core(

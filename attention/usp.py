@@ -13,7 +13,7 @@ import torch
 from attention.backends import AttentionCall, select_backend
 from attention.checks import check_qkv, needs_grad, resolve_scale
 from attention.ring import ring_attention_core
-from attention.ulysses import check_heads, resolve_head_chunks, ulysses_core
+from attention.ulysses import check_head_chunks, check_heads, ulysses_core
 from xdit_core.mesh import ParallelMesh
 
 Tensor = torch.Tensor
@@ -27,7 +27,7 @@ def usp_attention(
     *,
     scale: float | None = None,
     backend: str = "auto",
-    head_chunks: int | None = None,
+    head_chunks: int = 1,
 ) -> Tensor:
     """Exact attention over a sequence sharded across ``mesh.sp_group``, by Ulysses × ring.
 
@@ -40,10 +40,10 @@ def usp_attention(
     check_qkv(q, k, v, self_attention=True, what="usp_attention")
     check_heads(q.shape[2], mesh.ulysses_size, "usp_attention")
     scale = resolve_scale(scale, q.shape[-1])
-    chunks = resolve_head_chunks(head_chunks, q, mesh.ulysses_size)
+    check_head_chunks(head_chunks, q, mesh.ulysses_size)
     chosen = select_backend(backend, AttentionCall(q.device, q.dtype, q.shape[-1], needs_grad(q, k, v)))
 
     def ring(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return ring_attention_core(q, k, v, mesh.ring_group, scale, chosen)
 
-    return ulysses_core(q, k, v, mesh.ulysses_group, ring, chunks)
+    return ulysses_core(q, k, v, mesh.ulysses_group, ring, head_chunks)

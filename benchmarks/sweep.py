@@ -74,6 +74,23 @@ class Timer:
         dist.all_reduce(median, op=dist.ReduceOp.MAX)
         return median.item()
 
+    def graph(self, fn: Callable[[], object]) -> float | None:
+        """The same measurement for a CUDA-graph replay of ``fn``: device time without CPU overhead."""
+        if self.device.type != "cuda":
+            return None
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        ms = self(graph.replay)
+        del graph
+        return ms
+
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -102,9 +119,10 @@ def run_world(args: argparse.Namespace, device: torch.device) -> list[dict]:
 
 def _progress_line(row: dict) -> str:
     status = "ok" if row["ok"] else "FAILED"
+    graph = f" (graph {row['graph_ms']:.3f} ms)" if row.get("graph_ms") else ""
     return (
-        f"  world {row['world']} {row['variant']:<12} {row['mesh']:<7} {row['shape']:<22} "
-        f"{row['median_ms']:9.3f} ms  err {row['max_err']:.2e} (1-device {row['ref_err']:.2e}) {status}"
+        f"  world {row['world']} {row['variant']:<16} {row['mesh']:<7} {row['shape']:<22} "
+        f"{row['median_ms']:9.3f} ms{graph}  err {row['max_err']:.2e} (1-device {row['ref_err']:.2e}) {status}"
     )
 
 
@@ -115,10 +133,12 @@ def _spawned_world(args: argparse.Namespace) -> list[dict]:
 
 def write_report(rows: list[dict], out: Path) -> str:
     """Speedups over world 1, the table, CSV/JSON and the plot. Returns the table text."""
-    base = {(r["workload"], r["shape"]): r["median_ms"] for r in rows if r["world"] == 1 and r["variant"] == "single"}
+    singles = {(r["workload"], r["shape"]): r for r in rows if r["world"] == 1 and r["variant"] == "single"}
     for r in rows:
-        one = base.get((r["workload"], r["shape"]))
-        r["speedup"] = round(one / r["median_ms"], 3) if one else None
+        one = singles.get((r["workload"], r["shape"]))
+        r["speedup"] = round(one["median_ms"] / r["median_ms"], 3) if one else None
+        graph_ms = r.get("graph_ms")
+        r["graph_speedup"] = round(one["graph_ms"] / graph_ms, 3) if one and graph_ms and one.get("graph_ms") else None
     rows.sort(key=lambda r: (r["workload"], r["shape"], r["world"], r["median_ms"]))
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(rows, indent=1))
@@ -127,16 +147,18 @@ def write_report(rows: list[dict], out: Path) -> str:
         writer.writeheader()
         writer.writerows(rows)
     header = (
-        f"{'workload':<10} {'shape':<24} {'world':>5} {'variant':<12} {'mesh':<7} {'backend':<10} "
-        f"{'median ms':>10} {'speedup':>8} {'max err':>9} {'1-dev err':>9} ok"
+        f"{'workload':<10} {'shape':<24} {'world':>5} {'variant':<16} {'mesh':<7} {'backend':<10} "
+        f"{'median ms':>10} {'speedup':>8} {'graph ms':>9} {'speedup':>8} {'max err':>9} {'1-dev err':>9} ok"
     )
     lines = [header, "-" * len(header)]
     for r in rows:
         speed = f"{r['speedup']:.2f}" if r["speedup"] else "-"
+        graph = f"{r['graph_ms']:.3f}" if r.get("graph_ms") else "-"
+        graph_speed = f"{r['graph_speedup']:.2f}" if r["graph_speedup"] else "-"
         lines.append(
-            f"{r['workload']:<10} {r['shape']:<24} {r['world']:>5} {r['variant']:<12} {r['mesh']:<7} "
-            f"{r['backend']:<10} {r['median_ms']:>10.3f} {speed:>8} {r['max_err']:>9.2e} {r['ref_err']:>9.2e} "
-            f"{'yes' if r['ok'] else 'NO'}"
+            f"{r['workload']:<10} {r['shape']:<24} {r['world']:>5} {r['variant']:<16} {r['mesh']:<7} "
+            f"{r['backend']:<10} {r['median_ms']:>10.3f} {speed:>8} {graph:>9} {graph_speed:>8} "
+            f"{r['max_err']:>9.2e} {r['ref_err']:>9.2e} {'yes' if r['ok'] else 'NO'}"
         )
     table = "\n".join(lines)
     (out / "sweep.txt").write_text(table + "\n")
@@ -186,7 +208,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default CPU float32; GPU bf16)")
     p.add_argument("--backend", default="auto")
     p.add_argument("--variants", default="ulysses,ring,usp,allgather_kv")
-    p.add_argument("--head-chunks", default="", help="also time ulysses with these head_chunks, e.g. 1,2,3,6")
+    p.add_argument("--head-chunks", default="", help="also time ulysses with these head_chunks, e.g. 2,3")
+    p.add_argument("--ulysses-backends", default="", help="also time ulysses with these kernels, e.g. cudnn")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--reps", type=int, default=None)
@@ -199,6 +222,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown workloads {unknown}; choose from {list(WORKLOADS)}")
     args.variants = [v for v in args.variants.split(",") if v]
     args.head_chunks = [int(c) for c in args.head_chunks.split(",") if c]
+    args.ulysses_backends = [b for b in args.ulysses_backends.split(",") if b]
     return args
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import torch
@@ -76,14 +77,16 @@ def attention_workload(args: Any, timer: Any) -> Iterator[dict]:
             backend = args.backend
         common = {"workload": "attention", "shape": label, "world": world, "backend": backend, "ref_err": ref_err}
         if world == 1:
-            ms = timer(lambda q=q, k=k, v=v: attention_with_lse(q, k, v, backend=args.backend))
-            yield {**common, "variant": "single", "mesh": "1", "median_ms": ms, "max_err": ref_err, "ok": True}
+            fn = partial(attention_with_lse, q, k, v, backend=args.backend)
+            times = {"median_ms": timer(fn), "graph_ms": timer.graph(fn)}
+            yield {**common, "variant": "single", "mesh": "1", **times, "max_err": ref_err, "ok": True}
             kernels = available_backends(AttentionCall(device, args.dtype_t, args.head_dim, False))
             for name in kernels if args.backend == "auto" else []:  # each kernel on its own, for reference
                 out = attention_with_lse(q_local, k, v, backend=name)[0]
                 err = _agreed_max((out.double() - ref.double()).abs().max().item(), device)
-                ms = timer(lambda q=q, k=k, v=v, name=name: attention_with_lse(q, k, v, backend=name))
-                row = {**common, "backend": name, "variant": f"single {name}", "mesh": "1", "median_ms": ms}
+                fn = partial(attention_with_lse, q, k, v, backend=name)
+                times = {"median_ms": timer(fn), "graph_ms": timer.graph(fn)}
+                row = {**common, "backend": name, "variant": f"single {name}", "mesh": "1", **times}
                 yield {**row, "max_err": err, "ok": err <= max(2 * ref_err, 1e-5)}
             continue
         for (u, r), mesh in built.items():
@@ -91,16 +94,9 @@ def attention_workload(args: Any, timer: Any) -> Iterator[dict]:
                 out = fn(q_local, k_local, v_local)
                 err = _agreed_max((out.double() - ref.double()).abs().max().item(), device)
                 tol = max(2 * ref_err, 1e-5 if args.dtype_t == torch.float32 else 0.0)
-                ms = timer(lambda fn=fn, q=q_local, k=k_local, v=v_local: fn(q, k, v))
-                mesh_label = f"u{u}r{r}"
-                yield {
-                    **common,
-                    "variant": variant,
-                    "mesh": mesh_label,
-                    "median_ms": ms,
-                    "max_err": err,
-                    "ok": err <= tol,
-                }
+                call = partial(fn, q_local, k_local, v_local)
+                times = {"median_ms": timer(call), "graph_ms": timer.graph(call)}
+                yield {**common, "variant": variant, "mesh": f"u{u}r{r}", **times, "max_err": err, "ok": err <= tol}
 
 
 def _agreed_max(value: float, device: torch.device) -> float:

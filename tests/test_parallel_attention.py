@@ -51,7 +51,7 @@ def _parity(mesh: ParallelMesh, fn, name: str) -> dict:
         seed=st.integers(0, 2**31 - 1),
     )
     def check(batch, s_local, heads_per_rank, head_dim, scale, chunk_choice, seed):
-        chunks = None if chunk_choice == 0 else min(chunk_choice, heads_per_rank)
+        chunks = min(chunk_choice + 1, heads_per_rank)
         g = torch.Generator().manual_seed(seed)
         shape = (batch * mesh.batch_size, s_local * mesh.sp_size, heads_per_rank * mesh.ulysses_size, head_dim)
         q, k, v, dout = (torch.randn(shape, generator=g) for _ in range(4))

@@ -1,9 +1,13 @@
-"""Ring exchange: rotate blocks around a process group with batched, asynchronous send/recv.
+"""Ring exchange: rotate a block around a process group, asynchronously.
 
 Rank ``r`` sends to ``r + 1`` and receives from ``r - 1`` (group ranks, modulo the group size). After
-``s`` steps rank ``r`` holds the blocks that started on rank ``r - s``. ``start`` posts the transfer
-and returns at once, so the caller computes on the current blocks while the next ones travel;
-``wait`` returns the received blocks. Several tensors (k and v) travel in one batched call.
+``s`` steps rank ``r`` holds the block that started on rank ``r - s``. ``start`` posts the transfer
+and returns at once, so the caller computes on the current block while the next one travels;
+``wait`` returns the received block.
+
+One step is a single ``all_to_all_single`` whose only non-empty split goes to the next rank: the
+same asynchronous collective path as Ulysses, with a fraction of the CPU cost of
+``batch_isend_irecv`` (measured ≈0.7 ms of CPU per step on H200s, which left the GPUs idle).
 """
 
 from __future__ import annotations
@@ -18,29 +22,28 @@ class RingExchange:
     def __init__(self, group: dist.ProcessGroup) -> None:
         self.group = group
         self.size = dist.get_world_size(group)
-        rank = dist.get_rank(group)
-        self.next_rank = dist.get_global_rank(group, (rank + 1) % self.size)
-        self.prev_rank = dist.get_global_rank(group, (rank - 1) % self.size)
-        self._pending: tuple[list[dist.Work], tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] | None = None
+        self.rank = dist.get_rank(group)
+        self._pending: tuple[dist.Work, torch.Tensor, torch.Tensor] | None = None
 
-    def start(self, *blocks: torch.Tensor) -> None:
-        """Post ``send(blocks) → next`` and ``recv ← prev`` (blocks of the same shapes and dtypes)."""
+    def start(self, block: torch.Tensor) -> None:
+        """Post ``send(block) → next`` and ``recv ← prev`` (a block of the same shape and dtype)."""
         if self._pending is not None:
             raise RuntimeError("RingExchange.start called twice without wait()")
-        if not blocks:
-            raise ValueError("RingExchange.start needs at least one tensor")
-        sent = tuple(b.contiguous() for b in blocks)
-        recv = tuple(torch.empty_like(b) for b in sent)
-        ops = [dist.P2POp(dist.isend, b, self.next_rank, self.group) for b in sent]
-        ops += [dist.P2POp(dist.irecv, b, self.prev_rank, self.group) for b in recv]
-        self._pending = (dist.batch_isend_irecv(ops), sent, recv)
+        if block.dim() == 0:
+            raise ValueError("RingExchange.start needs a tensor with at least one dim")
+        sent = block.contiguous()
+        recv = torch.empty_like(sent)
+        n = sent.shape[0]
+        send_splits = [n if p == (self.rank + 1) % self.size else 0 for p in range(self.size)]
+        recv_splits = [n if p == (self.rank - 1) % self.size else 0 for p in range(self.size)]
+        work = dist.all_to_all_single(recv, sent, recv_splits, send_splits, group=self.group, async_op=True)
+        self._pending = (work, sent, recv)
 
-    def wait(self) -> tuple[torch.Tensor, ...]:
-        """Wait for the posted step; returns the blocks received from the previous rank."""
+    def wait(self) -> torch.Tensor:
+        """Wait for the posted step; returns the block received from the previous rank."""
         if self._pending is None:
             raise RuntimeError("RingExchange.wait called without start()")
-        works, _sent, recv = self._pending  # _sent stays referenced until the transfer is done
+        work, _sent, recv = self._pending  # _sent stays referenced until the transfer is done
         self._pending = None
-        for work in works:
-            work.wait()
+        work.wait()
         return recv

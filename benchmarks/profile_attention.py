@@ -1,0 +1,143 @@
+"""Where the time of one sequence-parallel attention call goes (GPUs, under torchrun).
+
+    torchrun --nproc_per_node 4 benchmarks/profile_attention.py --seq 4608
+
+For each variant it prints, on rank 0 (slowest rank's medians): GPU time per call back to back, CPU
+time to issue one call (if this is close to the GPU time the call is launch-bound), the time of a
+CUDA-graph replay of the same call (device time without any CPU overhead), and the parts alone: the
+q/k/v all-to-all, the output all-to-all and the local attention kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+from attention import attention_with_lse, ring_attention, ulysses_attention, usp_attention
+from xdit_core import ParallelMesh, init_distributed
+
+
+def _events(fn, iters: int, reps: int) -> float:
+    samples = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        dist.barrier()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / iters)
+    return _slowest(statistics.median(samples))
+
+
+def _cpu_issue(fn, iters: int) -> float:
+    torch.cuda.synchronize()
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    t = (time.perf_counter() - t0) * 1e3 / iters
+    torch.cuda.synchronize()
+    return _slowest(t)
+
+
+def _graph(fn, iters: int, reps: int) -> float | str:
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return _events(graph.replay, iters, reps)
+    except Exception as e:  # a diagnostic: report why capture failed and go on
+        return f"capture failed: {type(e).__name__}: {str(e)[:80]}"
+
+
+def _slowest(value: float) -> float:
+    t = torch.tensor([value], device="cuda", dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def _profile(seq: int, first: bool, args: argparse.Namespace, ctx, meshes: dict) -> None:
+    world = ctx.world_size
+    gen = torch.Generator("cuda").manual_seed(0)
+    shape = (1, seq // world, args.heads, args.head_dim)
+    q, k, v = (torch.randn(shape, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    group = meshes[(world, 1)].ulysses_group
+    hp = args.heads // world
+    full = (1, seq, hp, args.head_dim)
+    qf, kf, vf = (torch.randn(full, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    send3 = torch.randn((3, *shape), device="cuda", dtype=torch.bfloat16)
+    recv3, send1 = torch.empty_like(send3), send3[0].clone()
+    recv1 = torch.empty_like(send1)
+    variants = {
+        "ulysses c1 (auto kernel)": lambda: ulysses_attention(q, k, v, group, head_chunks=1),
+        "ulysses c1 cudnn": lambda: ulysses_attention(q, k, v, group, head_chunks=1, backend="cudnn"),
+        "ulysses c2 cudnn": lambda: ulysses_attention(q, k, v, group, head_chunks=2, backend="cudnn"),
+        "ring": lambda: ring_attention(q, k, v, meshes[(1, world)].ring_group),
+        "ring cudnn": lambda: ring_attention(q, k, v, meshes[(1, world)].ring_group, backend="cudnn"),
+        "  part: qkv all-to-all": lambda: dist.all_to_all_single(recv3, send3, group=group),
+        "  part: qkv all-to-all, async+wait": lambda: dist.all_to_all_single(
+            recv3, send3, group=group, async_op=True
+        ).wait(),
+        "  part: out all-to-all": lambda: dist.all_to_all_single(recv1, send1, group=group),
+        "  part: attention fa3 [S, H/P]": lambda: attention_with_lse(qf, kf, vf, backend="fa3"),
+        "  part: attention cudnn [S, H/P]": lambda: attention_with_lse(qf, kf, vf, backend="cudnn"),
+    }
+    if (2, world // 2) in meshes and world > 2:
+        variants["usp u2"] = lambda: usp_attention(q, k, v, meshes[(2, world // 2)])
+    if ctx.rank == 0:
+        print(f"\n== world {world}, S={seq}, local {tuple(shape)}; ms per call (slowest rank, median)")
+        print(f"{'variant':<34} {'gpu back-to-back':>16} {'cpu issue':>10} {'graph replay':>14}")
+    for name, fn in variants.items():
+        for _ in range(3):
+            fn()
+        gpu = _events(fn, args.iters, args.reps)
+        cpu = _cpu_issue(fn, args.iters)
+        graph = _graph(fn, args.iters, args.reps)
+        if ctx.rank == 0:
+            g = f"{graph:14.3f}" if isinstance(graph, float) else f" {graph}"
+            print(f"{name:<34} {gpu:16.3f} {cpu:10.3f} {g}", flush=True)
+    if ctx.rank == 0 and first:
+        with torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        ) as prof:
+            for _ in range(5):
+                ulysses_attention(q, k, v, group, head_chunks=1)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=48))
+    elif first:
+        for _ in range(5):
+            ulysses_attention(q, k, v, group, head_chunks=1)
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--seq", type=int, nargs="+", default=[4608, 16896])
+    p.add_argument("--heads", type=int, default=24)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--reps", type=int, default=7)
+    args = p.parse_args()
+    ctx = init_distributed()
+    world = ctx.world_size
+    meshes = {(u, world // u): ParallelMesh.build(ulysses=u, ring=world // u) for u in (world, 2, 1) if world % u == 0}
+    for i, seq in enumerate(args.seq):
+        _profile(seq, i == 0, args, ctx, meshes)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
