@@ -105,12 +105,13 @@ def _math_backward(
 # ------------------------------------------------------------------------------------ torch CPU
 def _cpu_flash_forward(q, k, v, scale):
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*_bhsd(q, k, v), scale=scale)
-    return out.transpose(1, 2), lse
+    return out.transpose(1, 2), lse.float()  # the kernel's lse is float64 for float64 inputs
 
 
 def _cpu_flash_backward(dout, q, k, v, out, lse, scale):
+    kernel_lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        *_bhsd(dout.contiguous(), q, k, v, out), lse, 0.0, False, scale=scale
+        *_bhsd(dout.contiguous(), q, k, v, out), kernel_lse, 0.0, False, scale=scale
     )
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 

@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from attention import (
+    BACKEND_NAMES,
     AttentionCall,
     attention_with_lse,
     available_backends,
@@ -28,15 +29,15 @@ def allgather_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gr
 
 
 def _variants(mesh: ParallelMesh, args: Any) -> Iterator[tuple[str, Callable[..., Any]]]:
+    """``(name, fn(q, k, v))``; a name's second word, if it is a backend, is the kernel used."""
     u, r, heads, wanted = mesh.ulysses_size, mesh.ring_size, args.heads, args.variants
     if r == 1 and heads % u == 0 and "ulysses" in wanted:
-        yield "ulysses", lambda q, k, v: ulysses_attention(q, k, v, mesh.ulysses_group)
-        for c in args.head_chunks:
-            if c <= heads // u:
-                yield (
-                    f"ulysses c{c}",
-                    lambda q, k, v, c=c: ulysses_attention(q, k, v, mesh.ulysses_group, head_chunks=c),
-                )
+        group = mesh.ulysses_group
+        yield "ulysses", lambda q, k, v: ulysses_attention(q, k, v, group)
+        for c in (c for c in args.head_chunks if c <= heads // u):
+            yield f"ulysses c{c}", lambda q, k, v, c=c: ulysses_attention(q, k, v, group, head_chunks=c)
+        for name in args.ulysses_backends:
+            yield f"ulysses {name}", lambda q, k, v, n=name: ulysses_attention(q, k, v, group, backend=n)
     if u == 1 and "ring" in wanted:
         yield "ring", lambda q, k, v: ring_attention(q, k, v, mesh.ring_group)
     if u > 1 and r > 1 and heads % u == 0 and "usp" in wanted:
@@ -96,7 +97,10 @@ def attention_workload(args: Any, timer: Any) -> Iterator[dict]:
                 tol = max(2 * ref_err, 1e-5 if args.dtype_t == torch.float32 else 0.0)
                 call = partial(fn, q_local, k_local, v_local)
                 times = {"median_ms": timer(call), "graph_ms": timer.graph(call)}
-                yield {**common, "variant": variant, "mesh": f"u{u}r{r}", **times, "max_err": err, "ok": err <= tol}
+                words = variant.split()
+                kernel = {"backend": words[1]} if len(words) == 2 and words[1] in BACKEND_NAMES else {}
+                row = {**common, **kernel, "variant": variant, "mesh": f"u{u}r{r}", **times}
+                yield {**row, "max_err": err, "ok": err <= tol}
 
 
 def _agreed_max(value: float, device: torch.device) -> float:
