@@ -35,7 +35,9 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, self_attenti
             f"{what}: local sequence lengths differ: q has {q.shape[1]}, k/v have {k.shape[1]} "
             "(sequence-parallel q, k, v are chunks of one sequence)"
         )
-    if 0 in q.shape or 0 in k.shape:
+    # A sequence-parallel rank may hold no tokens (fewer tokens than ranks); every other size must be >= 1.
+    empty = [n for i, n in enumerate((*q.shape, *k.shape)) if n == 0 and not (self_attention and i in (1, 5))]
+    if empty:
         raise ValueError(f"{what}: empty input, q {tuple(q.shape)}, k {tuple(k.shape)}")
 
 

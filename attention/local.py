@@ -69,7 +69,14 @@ def attention_with_lse(
 
 
 def run_backend(backend: Backend, q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """``(out, lse)`` from an already chosen backend; differentiable when q, k or v need gradients."""
+    """``(out, lse)`` from an already chosen backend; differentiable when q, k or v need gradients.
+
+    Empty work (no queries or no heads on this rank, or no keys) runs no kernel: the output is zeros
+    (still connected to q, so the backward pass reaches every collective) and the lse is ``-inf``.
+    """
+    if q.shape[1] == 0 or q.shape[2] == 0 or k.shape[1] == 0:
+        lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), device=q.device)
+        return q * 0, lse
     if not needs_grad(q, k, v):
         return backend.forward(q, k, v, scale)
     return _AttentionWithLse.apply(q, k, v, scale, backend)

@@ -9,6 +9,8 @@ the *merged* out and lse, so they are the exact single-device gradients.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 
@@ -16,73 +18,101 @@ from attention.backends import AttentionCall, Backend, select_backend
 from attention.checks import check_qkv, needs_grad, resolve_scale
 from attention.local import run_backend
 from attention.merge import merge_attention_
+from xdit_core.collectives import resolve_lengths
 from xdit_core.ring_exchange import RingExchange
 
 Tensor = torch.Tensor
 
 
+def _pack_kv(k: Tensor, v: Tensor, rows: int) -> Tensor:
+    """k and v as the one buffer that travels, ``[2, B, rows, H, D]`` (rows beyond k's are never read)."""
+    if k.shape[1] == rows:
+        return torch.stack((k, v))
+    kv = k.new_zeros((2, k.shape[0], rows, *k.shape[2:]))
+    kv[0, :, : k.shape[1]] = k
+    kv[1, :, : k.shape[1]] = v
+    return kv
+
+
 def _ring_forward(
-    q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup, scale: float, backend: Backend
+    q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup, scale: float, backend: Backend, lengths: list[int]
 ) -> tuple[Tensor, Tensor]:
     ring = RingExchange(group)
-    kv = torch.stack((k, v))  # one buffer travels: [2, B, S_local, H, D]
+    kv = _pack_kv(k, v, max(lengths))
+    work = q.shape[1] > 0 and q.shape[2] > 0
     out = lse = None
     for step in range(ring.size):
         last = step == ring.size - 1
         if not last:
             ring.start(kv)
-        block_out, block_lse = backend.forward(q, kv[0], kv[1], scale)
-        if out is None:
-            out, lse = block_out.float(), block_lse.float()
-        else:
-            merge_attention_(out, lse, block_out, block_lse)
+        rows = lengths[(ring.rank - step) % ring.size]  # valid rows of the block we hold
+        if work and rows:
+            block_out, block_lse = backend.forward(q, kv[0, :, :rows], kv[1, :, :rows], scale)
+            if out is None:
+                out, lse = block_out.float(), block_lse.float()
+            else:
+                merge_attention_(out, lse, block_out, block_lse)
         if not last:
             kv = ring.wait()
+    if out is None:  # no queries or no heads here: nothing was computed
+        return torch.zeros_like(q), torch.zeros((q.shape[0], q.shape[2], q.shape[1]), device=q.device)
     return out.to(q.dtype), lse
 
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, group, scale, backend):  # type: ignore[override]
-        out, lse = _ring_forward(q, k, v, group, scale, backend)
+    def forward(ctx, q, k, v, group, scale, backend, lengths):  # type: ignore[override]
+        out, lse = _ring_forward(q, k, v, group, scale, backend, lengths)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group, ctx.scale, ctx.backend = group, scale, backend
+        ctx.group, ctx.scale, ctx.backend, ctx.lengths = group, scale, backend, lengths
         return out
 
     @staticmethod
     def backward(ctx, dout):  # type: ignore[override]
         q, k, v, out, lse = ctx.saved_tensors
         backend: Backend = ctx.backend
+        lengths: list[int] = ctx.lengths
         kv_ring, grad_ring = RingExchange(ctx.group), RingExchange(ctx.group)
-        kv = torch.stack((k, v))
+        kv = _pack_kv(k, v, max(lengths))
+        work = q.shape[1] > 0 and q.shape[2] > 0
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
         for step in range(kv_ring.size):
             last = step == kv_ring.size - 1
             if not last:
                 kv_ring.start(kv)
-            block_dq, block_dk, block_dv = backend.backward(dout, q, kv[0], kv[1], out, lse, ctx.scale)
-            dq += block_dq
+            rows = lengths[(kv_ring.rank - step) % kv_ring.size]
             if step > 0:
                 dkv = grad_ring.wait()  # the gradient buffer of the block we now hold
-            dkv[0] += block_dk
-            dkv[1] += block_dv
+            if work and rows:
+                block_dq, block_dk, block_dv = backend.backward(
+                    dout, q, kv[0, :, :rows], kv[1, :, :rows], out, lse, ctx.scale
+                )
+                dq += block_dq
+                dkv[0, :, :rows] += block_dk
+                dkv[1, :, :rows] += block_dv
             grad_ring.start(dkv)
             if not last:
                 kv = kv_ring.wait()
-        dkv = grad_ring.wait()  # our own block's gradients, back from their last visit
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
+        dkv = grad_ring.wait()[:, :, : k.shape[1]]  # our own block's gradients, back from their last visit
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None
 
 
 def ring_attention_core(
-    q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup, scale: float, backend: Backend
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    group: dist.ProcessGroup,
+    scale: float,
+    backend: Backend,
+    lengths: list[int],
 ) -> Tensor:
-    """Ring attention on validated inputs with a chosen backend (no checks)."""
+    """Ring attention on validated inputs with a chosen backend; ``lengths``: every rank's tokens."""
     if dist.get_world_size(group) == 1:
         return run_backend(backend, q, k, v, scale)[0]
     if needs_grad(q, k, v):
-        return _RingAttention.apply(q, k, v, group, scale, backend)
-    return _ring_forward(q, k, v, group, scale, backend)[0]
+        return _RingAttention.apply(q, k, v, group, scale, backend, lengths)
+    return _ring_forward(q, k, v, group, scale, backend, lengths)[0]
 
 
 def ring_attention(
@@ -91,16 +121,20 @@ def ring_attention(
     v: Tensor,
     group: dist.ProcessGroup,
     *,
+    seq_len: int | Sequence[int] | None = None,
     scale: float | None = None,
     backend: str = "auto",
 ) -> Tensor:
     """Exact attention over a sequence sharded across ``group`` by rotating k/v blocks.
 
-    q, k, v ``[B, S_local, H, D]``: rank ``i`` of ``group`` holds chunk ``i`` of the sequence (all
-    chunks the same length). Returns ``[B, S_local, H, D]``, this rank's rows of the full-sequence
-    attention. Any head count. Differentiable; gradients equal the single-device ones.
+    q, k, v ``[B, S_local, H, D]``: rank ``i`` of ``group`` holds chunk ``i`` of the sequence.
+    ``seq_len`` as in ``ulysses_attention`` (``None``: equal chunks; ``L``: the ``shard_sequence``
+    layout; or every rank's length): blocks travel padded to the longest and only their real rows
+    are attended. Returns ``[B, S_local, H, D]``, this rank's rows of the full-sequence attention.
+    Any head count. Differentiable; gradients equal the single-device ones.
     """
     check_qkv(q, k, v, self_attention=True, what="ring_attention")
+    lengths = resolve_lengths(seq_len, dist.get_world_size(group), dist.get_rank(group), q.shape[1], "ring_attention")
     scale = resolve_scale(scale, q.shape[-1])
     chosen = select_backend(backend, AttentionCall(q.device, q.dtype, q.shape[-1], needs_grad(q, k, v)))
-    return ring_attention_core(q, k, v, group, scale, chosen)
+    return ring_attention_core(q, k, v, group, scale, chosen, lengths)

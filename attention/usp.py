@@ -1,19 +1,23 @@
 """USP: Ulysses inside each ulysses group, ring attention across the ring group.
 
-On a ``ring × ulysses`` mesh the all-to-all inside a ulysses group turns ``[B, S/(U·R), H, D]`` into
-``[B, S/R, H/U, D]``: the ulysses group's contiguous chunks form super-chunk ``ring_rank``. Ring
+On a ``ring × ulysses`` mesh the all-to-all inside a ulysses group turns each rank's chunk into the
+group's *super-chunk* (its ranks' chunks, contiguous in sequence order) for this rank's heads. Ring
 attention over the ring group (the ranks that hold the same heads) then covers the whole sequence,
-and the inverse all-to-all restores ``[B, S/(U·R), H, D]``.
+and the inverse all-to-all restores ``[B, S_local, H, D]``. Uneven chunks give uneven super-chunks;
+both stages handle them exactly.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
 from attention.backends import AttentionCall, select_backend
 from attention.checks import check_qkv, needs_grad, resolve_scale
 from attention.ring import ring_attention_core
-from attention.ulysses import check_head_chunks, check_heads, ulysses_core
+from attention.ulysses import ulysses_core
+from xdit_core.collectives import resolve_lengths
 from xdit_core.mesh import ParallelMesh
 
 Tensor = torch.Tensor
@@ -25,25 +29,27 @@ def usp_attention(
     v: Tensor,
     mesh: ParallelMesh,
     *,
+    seq_len: int | Sequence[int] | None = None,
     scale: float | None = None,
     backend: str = "auto",
-    head_chunks: int = 1,
 ) -> Tensor:
     """Exact attention over a sequence sharded across ``mesh.sp_group``, by Ulysses × ring.
 
     q, k, v ``[B, S_local, H, D]``: this rank holds sequence chunk ``mesh.sp_rank`` (the order of
-    ``shard_sequence``; all chunks the same length); ``H`` must be divisible by
-    ``mesh.ulysses_size``. Returns ``[B, S_local, H, D]``. Ranks on different ``batch`` coordinates
-    work on different samples and do not communicate here. ``head_chunks`` as in
-    ``ulysses_attention``. Differentiable; gradients equal the single-device ones.
+    ``shard_sequence``). ``seq_len`` as in ``ulysses_attention`` (every length in ``sp_rank``
+    order). Any head count. Returns ``[B, S_local, H, D]``. Ranks on different ``batch``
+    coordinates work on different samples and do not communicate here. Differentiable; gradients
+    equal the single-device ones.
     """
     check_qkv(q, k, v, self_attention=True, what="usp_attention")
-    check_heads(q.shape[2], mesh.ulysses_size, "usp_attention")
+    lengths = resolve_lengths(seq_len, mesh.sp_size, mesh.sp_rank, q.shape[1], "usp_attention")
     scale = resolve_scale(scale, q.shape[-1])
-    check_head_chunks(head_chunks, q, mesh.ulysses_size)
     chosen = select_backend(backend, AttentionCall(q.device, q.dtype, q.shape[-1], needs_grad(q, k, v)))
+    u = mesh.ulysses_size
+    ulysses_lengths = lengths[mesh.ring_rank * u : (mesh.ring_rank + 1) * u]
+    ring_lengths = [sum(lengths[r * u : (r + 1) * u]) for r in range(mesh.ring_size)]
 
     def ring(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return ring_attention_core(q, k, v, mesh.ring_group, scale, chosen)
+        return ring_attention_core(q, k, v, mesh.ring_group, scale, chosen, ring_lengths)
 
-    return ulysses_core(q, k, v, mesh.ulysses_group, ring, head_chunks)
+    return ulysses_core(q, k, v, mesh.ulysses_group, ring, ulysses_lengths)

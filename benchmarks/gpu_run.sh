@@ -33,7 +33,7 @@ for b in BACKENDS: print(' backend', b.name, '->', b.why_not(c) or 'ok')"
       -p no:cacheprovider --tb=short 2>&1 | grep -v "^W1\|warn" | tail -40
   done
   rm -rf /tmp/sweep
-  for n in 1 2 "$N"; do
+  for n in ${WORLDS:-1 2 $N}; do
     echo "== sweep on $n GPU(s)"
     timeout 400 torchrun --nproc_per_node "$n" benchmarks/sweep.py --out /tmp/sweep "$@" 2>&1 | grep -v "^W1\|warn"
   done

@@ -82,9 +82,8 @@ def _profile(seq: int, first: bool, args: argparse.Namespace, ctx, meshes: dict)
     recv3, send1 = torch.empty_like(send3), send3[0].clone()
     recv1 = torch.empty_like(send1)
     variants = {
-        "ulysses c1 (auto kernel)": lambda: ulysses_attention(q, k, v, group, head_chunks=1),
-        "ulysses c1 cudnn": lambda: ulysses_attention(q, k, v, group, head_chunks=1, backend="cudnn"),
-        "ulysses c2 cudnn": lambda: ulysses_attention(q, k, v, group, head_chunks=2, backend="cudnn"),
+        "ulysses (auto kernel)": lambda: ulysses_attention(q, k, v, group),
+        "ulysses cudnn": lambda: ulysses_attention(q, k, v, group, backend="cudnn"),
         "ring": lambda: ring_attention(q, k, v, meshes[(1, world)].ring_group),
         "ring cudnn": lambda: ring_attention(q, k, v, meshes[(1, world)].ring_group, backend="cudnn"),
         "  part: qkv all-to-all": lambda: dist.all_to_all_single(recv3, send3, group=group),
@@ -114,12 +113,12 @@ def _profile(seq: int, first: bool, args: argparse.Namespace, ctx, meshes: dict)
             activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         ) as prof:
             for _ in range(5):
-                ulysses_attention(q, k, v, group, head_chunks=1)
+                ulysses_attention(q, k, v, group)
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=48))
     elif first:
         for _ in range(5):
-            ulysses_attention(q, k, v, group, head_chunks=1)
+            ulysses_attention(q, k, v, group)
         torch.cuda.synchronize()
 
 

@@ -201,14 +201,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workloads", default="attention", help="comma-separated: " + ", ".join(WORKLOADS))
     p.add_argument("--worlds", default="1,2,4", help="CPU mode: world sizes to spawn (default 1,2,4)")
-    p.add_argument("--seq", default=None, help="global sequence lengths (default CPU 512,2048; GPU 4608,16896)")
+    p.add_argument(
+        "--seq", default=None, help="global sequence lengths (default CPU 509,512,2048; GPU 4481,4608,16896)"
+    )
     p.add_argument("--heads", type=int, default=None, help="heads (default CPU 8; GPU 24)")
     p.add_argument("--head-dim", type=int, default=None, help="head dim (default CPU 64; GPU 128)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default CPU float32; GPU bf16)")
     p.add_argument("--backend", default="auto")
     p.add_argument("--variants", default="ulysses,ring,usp,allgather_kv")
-    p.add_argument("--head-chunks", default="", help="also time ulysses with these head_chunks, e.g. 2,3")
     p.add_argument("--ulysses-backends", default="", help="also time ulysses with these kernels, e.g. cudnn")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
@@ -221,14 +222,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown workloads {unknown}; choose from {list(WORKLOADS)}")
     args.variants = [v for v in args.variants.split(",") if v]
-    args.head_chunks = [int(c) for c in args.head_chunks.split(",") if c]
     args.ulysses_backends = [b for b in args.ulysses_backends.split(",") if b]
     return args
 
 
 def _apply_defaults(args: argparse.Namespace, gpu: bool) -> None:
     defaults = {
-        "seq": "4608,16896" if gpu else "512,2048",
+        "seq": "4481,4608,16896" if gpu else "509,512,2048",  # 4481: FLUX at 1008² (3969 + 512)
         "heads": 24 if gpu else 8,
         "head_dim": 128 if gpu else 64,
         "dtype": "bfloat16" if gpu else "float32",

@@ -20,30 +20,30 @@ from attention import (
     usp_attention,
 )
 from xdit_core import ParallelMesh, all_gather
+from xdit_core.collectives import split_sizes
 
 
-def allgather_kv_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup):
+def allgather_kv_attention(q, k, v, group: dist.ProcessGroup, lengths: list[int]):
     """Peer baseline: all-gather K and V (one collective), then local attention of the local queries."""
-    full = all_gather(torch.stack((k, v)), group, dim=2)  # [2, B, S, H, D]
+    full = all_gather(torch.stack((k, v)), group, dim=2, sizes=lengths)  # [2, B, S, H, D]
     return attention_with_lse(q, full[0], full[1])[0]
 
 
-def _variants(mesh: ParallelMesh, args: Any) -> Iterator[tuple[str, Callable[..., Any]]]:
+def _variants(mesh: ParallelMesh, args: Any, seq: int) -> Iterator[tuple[str, Callable[..., Any]]]:
     """``(name, fn(q, k, v))``; a name's second word, if it is a backend, is the kernel used."""
-    u, r, heads, wanted = mesh.ulysses_size, mesh.ring_size, args.heads, args.variants
-    if r == 1 and heads % u == 0 and "ulysses" in wanted:
+    u, r, wanted = mesh.ulysses_size, mesh.ring_size, args.variants
+    if r == 1 and "ulysses" in wanted:
         group = mesh.ulysses_group
-        yield "ulysses", lambda q, k, v: ulysses_attention(q, k, v, group)
-        for c in (c for c in args.head_chunks if c <= heads // u):
-            yield f"ulysses c{c}", lambda q, k, v, c=c: ulysses_attention(q, k, v, group, head_chunks=c)
+        yield "ulysses", lambda q, k, v: ulysses_attention(q, k, v, group, seq_len=seq)
         for name in args.ulysses_backends:
-            yield f"ulysses {name}", lambda q, k, v, n=name: ulysses_attention(q, k, v, group, backend=n)
+            yield f"ulysses {name}", lambda q, k, v, n=name: ulysses_attention(q, k, v, group, seq_len=seq, backend=n)
     if u == 1 and "ring" in wanted:
-        yield "ring", lambda q, k, v: ring_attention(q, k, v, mesh.ring_group)
-    if u > 1 and r > 1 and heads % u == 0 and "usp" in wanted:
-        yield "usp", lambda q, k, v: usp_attention(q, k, v, mesh)
+        yield "ring", lambda q, k, v: ring_attention(q, k, v, mesh.ring_group, seq_len=seq)
+    if u > 1 and r > 1 and "usp" in wanted:
+        yield "usp", lambda q, k, v: usp_attention(q, k, v, mesh, seq_len=seq)
     if u == mesh.sp_size and "allgather_kv" in wanted:
-        yield "allgather_kv", lambda q, k, v: allgather_kv_attention(q, k, v, mesh.sp_group)
+        lengths = split_sizes(seq, mesh.sp_size)
+        yield "allgather_kv", lambda q, k, v: allgather_kv_attention(q, k, v, mesh.sp_group, lengths)
 
 
 def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -62,10 +62,6 @@ def attention_workload(args: Any, timer: Any) -> Iterator[dict]:
     for seq in args.seq:
         shape = (args.batch, seq, args.heads, args.head_dim)
         label = f"B{shape[0]} S{seq} H{shape[2]} D{shape[3]}"
-        if seq % world:
-            if rank == 0:
-                print(f"  skip {label} on {world} ranks: S not divisible (uneven lengths: any-shape issue)")
-            continue
         gen = torch.Generator(device).manual_seed(seq)
         q, k, v = (torch.randn(shape, generator=gen, device=device, dtype=args.dtype_t) for _ in range(3))
         rows = torch.tensor_split(torch.arange(seq, device=device), world)[rank]  # sp_rank == rank (batch 1)
@@ -91,7 +87,7 @@ def attention_workload(args: Any, timer: Any) -> Iterator[dict]:
                 yield {**row, "max_err": err, "ok": err <= max(2 * ref_err, 1e-5)}
             continue
         for (u, r), mesh in built.items():
-            for variant, fn in _variants(mesh, args):
+            for variant, fn in _variants(mesh, args, seq):
                 out = fn(q_local, k_local, v_local)
                 err = _agreed_max((out.double() - ref.double()).abs().max().item(), device)
                 tol = max(2 * ref_err, 1e-5 if args.dtype_t == torch.float32 else 0.0)

@@ -58,24 +58,29 @@ def _meshes(world: int):
             yield u, world // u
 
 
-def _variants(mesh: ParallelMesh, backend: str):
-    yield "usp", lambda q, k, v: usp_attention(q, k, v, mesh, backend=backend)
+def _variants(mesh: ParallelMesh, backend: str, seq: int):
+    yield "usp", lambda q, k, v: usp_attention(q, k, v, mesh, seq_len=seq, backend=backend)
     if mesh.ring_size == 1:
-        yield "ulysses", lambda q, k, v: ulysses_attention(q, k, v, mesh.ulysses_group, backend=backend)
+        yield "ulysses", lambda q, k, v: ulysses_attention(q, k, v, mesh.ulysses_group, seq_len=seq, backend=backend)
     if mesh.ulysses_size == 1:
-        yield "ring", lambda q, k, v: ring_attention(q, k, v, mesh.ring_group, backend=backend)
+        yield "ring", lambda q, k, v: ring_attention(q, k, v, mesh.ring_group, seq_len=seq, backend=backend)
 
 
 def _sdpa(q, k, v):
     return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
-@pytest.mark.parametrize("shape", [(1, 320, 24, 128), (2, 96, 8, 64)])
+# (B, tokens per rank or None, global tokens or None, H, D): divisible shapes, then a prime length
+# with a head count no GPU count here divides (uneven chunks and heads).
+SHAPES = [(1, 320, None, 24, 128), (2, 96, None, 8, 64), (1, None, 1009, 5, 64)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("backend", ["auto", "flash", "efficient"])
 def test_bf16_forward_backward_flash_rule(ctx, shape, backend):
     world, rank, device = ctx.world_size, ctx.rank, ctx.device
-    b, s_local, h, d = shape
-    full = (b, s_local * world, h, d)
+    b, s_local, seq, h, d = shape
+    full = (b, seq or s_local * world, h, d)
     gen = torch.Generator(device).manual_seed(1234)
     q, k, v, dout = (torch.randn(full, generator=gen, device=device, dtype=torch.bfloat16) for _ in range(4))
 
@@ -89,10 +94,8 @@ def test_bf16_forward_backward_flash_rule(ctx, shape, backend):
 
     rows = torch.tensor_split(torch.arange(full[1], device=device), world)[rank]
     for u, r in _meshes(world):
-        if h % u:
-            continue
         mesh = ParallelMesh.build(ulysses=u, ring=r)
-        for name, fn in _variants(mesh, backend):
+        for name, fn in _variants(mesh, backend, full[1]):
             local = [x[:, rows].clone().requires_grad_() for x in (q, k, v)]
             out = fn(*local)
             out.backward(dout[:, rows])

@@ -6,6 +6,7 @@ semantics: a tensor replicated on every rank gets the full gradient on every ran
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -15,33 +16,103 @@ if TYPE_CHECKING:
     from xdit_core.mesh import ParallelMesh
 
 
+def split_sizes(total: int, parts: int) -> list[int]:
+    """Sizes of ``torch.tensor_split`` of ``total`` items into ``parts`` chunks (the first ones larger)."""
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def resolve_lengths(
+    seq_len: int | Sequence[int] | None, group_size: int, group_rank: int, local_len: int, what: str
+) -> list[int]:
+    """Every rank's sequence length, in group-rank order, decided from arguments alone.
+
+    ``None``: every rank holds ``local_len`` tokens (equal chunks). An int ``L``: the
+    ``shard_sequence`` layout (``torch.tensor_split`` of ``L`` tokens). A sequence: the lengths
+    themselves. This rank's own length must match, so a wrong layout raises before communicating.
+    """
+    if seq_len is None:
+        lengths = [local_len] * group_size
+    elif isinstance(seq_len, int) and not isinstance(seq_len, bool):
+        if seq_len < 1:
+            raise ValueError(f"{what}: seq_len={seq_len} must be at least 1")
+        lengths = split_sizes(seq_len, group_size)
+    else:
+        lengths = [int(n) for n in seq_len]
+        if len(lengths) != group_size or min(lengths) < 0 or sum(lengths) < 1:
+            raise ValueError(
+                f"{what}: seq_len {list(seq_len)} must give {group_size} non-negative lengths "
+                "(one per sequence-parallel rank, in sp_rank order) with at least one token"
+            )
+    if lengths[group_rank] != local_len:
+        raise ValueError(
+            f"{what}: this rank (chunk {group_rank} of {group_size}) holds {local_len} tokens, but the layout "
+            f"{lengths} gives it {lengths[group_rank]}; shard with shard_sequence(x, mesh) and pass the same seq_len"
+        )
+    return lengths
+
+
 def _all_to_all_forward(
-    tensors: tuple[torch.Tensor, ...], group: dist.ProcessGroup, scatter_dim: int, gather_dim: int
+    tensors: tuple[torch.Tensor, ...],
+    group: dist.ProcessGroup,
+    scatter_dim: int,
+    gather_dim: int,
+    scatter_sizes: list[int],
+    gather_sizes: list[int],
 ) -> tuple[torch.Tensor, ...]:
-    """One ``all_to_all_single`` for all tensors (same shape and dtype)."""
-    world = dist.get_world_size(group)
+    """One ``all_to_all_single`` for all tensors (same shape and dtype).
+
+    The block for rank ``p`` is ``[gather, T, rest...]``: this rank's gather-dim entries first, the T
+    tensors next, then the remaining dims with ``scatter_sizes[p]`` entries of the scatter dim. The
+    received blocks concatenate along their first dim, so every output is a view of the buffer.
+    """
+    world, me = dist.get_world_size(group), dist.get_rank(group)
     x0 = tensors[0]
-    n = x0.shape[scatter_dim] // world
-    # send[p, t] = tensor t's chunk p along scatter_dim
-    send = x0.new_empty((world, len(tensors), *x0.shape[:scatter_dim], n, *x0.shape[scatter_dim + 1 :]))
-    for t, x in enumerate(tensors):
-        send[:, t].copy_(x.unflatten(scatter_dim, (world, n)).movedim(scatter_dim, 0))
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
-    # recv[p, t] came from rank p: it is chunk p of the gathered dim.
-    return tuple(recv[:, t].movedim(0, gather_dim).flatten(gather_dim, gather_dim + 1) for t in range(len(tensors)))
+    rest = [x0.shape[i] for i in range(x0.dim()) if i != gather_dim]
+    sd_rest = scatter_dim if scatter_dim < gather_dim else scatter_dim - 1  # scatter dim's place in rest
+    numel_rest = 1
+    for i, n in enumerate(rest):
+        numel_rest *= 1 if i == sd_rest else n
+    block = len(tensors) * numel_rest  # elements per gather entry and per scatter entry
+    if len(set(scatter_sizes)) == 1:  # equal split: one copy kernel
+        n = scatter_sizes[0]
+        parts = []
+        for x in tensors:
+            y = x.unflatten(scatter_dim, (world, n))  # rank axis at scatter_dim, entries after it
+            g = gather_dim if gather_dim < scatter_dim else gather_dim + 1
+            parts.append(y.movedim((scatter_dim, g), (0, 1)))
+        send = torch.stack(parts, dim=2).reshape(-1)
+    else:
+        send = x0.new_empty(x0.shape[gather_dim] * sum(scatter_sizes) * block)
+        offset = start = 0
+        for size in scatter_sizes:
+            count = x0.shape[gather_dim] * size * block
+            shape = [x0.shape[gather_dim], len(tensors), *rest]
+            shape[2 + sd_rest] = size
+            view = send[offset : offset + count].view(shape)
+            torch.stack([x.narrow(scatter_dim, start, size).movedim(gather_dim, 0) for x in tensors], 1, out=view)
+            offset, start = offset + count, start + size
+    recv_shape = [sum(gather_sizes), len(tensors), *rest]
+    recv_shape[2 + sd_rest] = scatter_sizes[me]
+    recv = send.new_empty(recv_shape)
+    if len(set(scatter_sizes)) == 1 and len(set(gather_sizes)) == 1:
+        dist.all_to_all_single(recv.view(-1), send, group=group)
+    else:
+        send_counts = [x0.shape[gather_dim] * size * block for size in scatter_sizes]
+        recv_counts = [size * scatter_sizes[me] * block for size in gather_sizes]
+        dist.all_to_all_single(recv.view(-1), send, recv_counts, send_counts, group=group)
+    return tuple(recv.select(1, t).movedim(0, gather_dim) for t in range(len(tensors)))
 
 
 class _AllToAll(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, group, scatter_dim, gather_dim, *tensors):  # type: ignore[override]
-        ctx.group, ctx.scatter_dim, ctx.gather_dim = group, scatter_dim, gather_dim
-        return _all_to_all_forward(tensors, group, scatter_dim, gather_dim)
+    def forward(ctx, group, scatter_dim, gather_dim, scatter_sizes, gather_sizes, *tensors):  # type: ignore[override]
+        ctx.args = (group, gather_dim, scatter_dim, gather_sizes, scatter_sizes)  # the inverse exchange
+        return _all_to_all_forward(tensors, group, scatter_dim, gather_dim, scatter_sizes, gather_sizes)
 
     @staticmethod
     def backward(ctx, *grads):  # type: ignore[override]
         grads = tuple(torch.zeros_like(g) if g is None else g for g in grads)
-        return (None, None, None, *_all_to_all_forward(grads, ctx.group, ctx.gather_dim, ctx.scatter_dim))
+        return (None, None, None, None, None, *_all_to_all_forward(grads, *ctx.args))
 
 
 def all_to_all(
@@ -50,13 +121,18 @@ def all_to_all(
     *,
     scatter_dim: int,
     gather_dim: int,
+    scatter_sizes: list[int] | None = None,
+    gather_sizes: list[int] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Scatter ``scatter_dim`` and gather ``gather_dim`` across ``group``, in one collective.
 
-    Each tensor's ``scatter_dim`` is split into ``P = group size`` equal chunks; chunk ``p`` goes to
-    rank ``p``; the chunks received are concatenated along ``gather_dim`` in rank order. E.g. for
-    Ulysses, ``[B, S_local, H, D]`` with ``scatter_dim=2, gather_dim=1`` becomes ``[B, S, H/P, D]``.
-    All tensors must share shape, dtype and device (q, k and v travel together). Differentiable.
+    Each tensor's ``scatter_dim`` is cut into ``scatter_sizes`` (default: ``P = group size`` equal
+    chunks); chunk ``p`` goes to rank ``p``; the chunks received are concatenated along
+    ``gather_dim`` in rank order, rank ``p`` contributing ``gather_sizes[p]`` entries (default: as
+    many as this rank has). E.g. for Ulysses, ``[B, S_local, H, D]`` with ``scatter_dim=2,
+    gather_dim=1`` becomes ``[B, S, H/P, D]``; uneven sizes give uneven heads and lengths, exactly.
+    Every rank must pass the same size lists. All tensors must share shape, dtype and device (q, k
+    and v travel together). Outputs are views of one receive buffer. Differentiable.
     """
     tensors = tuple(tensors)
     if not tensors:
@@ -72,74 +148,109 @@ def all_to_all(
     scatter_dim, gather_dim = scatter_dim % nd, gather_dim % nd
     if scatter_dim == gather_dim:
         raise ValueError(f"scatter_dim and gather_dim must differ, both are {scatter_dim}")
-    world = dist.get_world_size(group)
-    if x0.shape[scatter_dim] % world:
+    world, me = dist.get_world_size(group), dist.get_rank(group)
+    size = x0.shape[scatter_dim]
+    if scatter_sizes is None:
+        if size % world:
+            raise ValueError(
+                f"all_to_all: dim {scatter_dim} of size {size} does not split into {world} equal chunks; "
+                "pass scatter_sizes for an uneven split"
+            )
+        scatter_sizes = [size // world] * world
+    if gather_sizes is None:
+        gather_sizes = [x0.shape[gather_dim]] * world
+    scatter_sizes, gather_sizes = [int(n) for n in scatter_sizes], [int(n) for n in gather_sizes]
+    for name, sizes in (("scatter_sizes", scatter_sizes), ("gather_sizes", gather_sizes)):
+        if len(sizes) != world or min(sizes) < 0:
+            raise ValueError(f"all_to_all: {name} {sizes} must hold {world} non-negative sizes, one per rank")
+    if sum(scatter_sizes) != size:
+        raise ValueError(f"all_to_all: scatter_sizes {scatter_sizes} sum to {sum(scatter_sizes)}, dim has {size}")
+    if gather_sizes[me] != x0.shape[gather_dim]:
         raise ValueError(
-            f"all_to_all: dim {scatter_dim} of size {x0.shape[scatter_dim]} does not split into {world} equal chunks"
+            f"all_to_all: gather_sizes[{me}] = {gather_sizes[me]} but this rank's dim {gather_dim} has "
+            f"{x0.shape[gather_dim]} entries"
         )
     if world == 1:
         return tensors
-    return _AllToAll.apply(group, scatter_dim, gather_dim, *tensors)
+    return _AllToAll.apply(group, scatter_dim, gather_dim, scatter_sizes, gather_sizes, *tensors)
 
 
 def shard_sequence(x: torch.Tensor, mesh: ParallelMesh, dim: int = 1) -> torch.Tensor:
     """This rank's chunk of a tensor replicated on every rank: ``tensor_split(x, sp_size, dim)[sp_rank]``.
 
+    Any length: the first ``L % sp_size`` chunks are one longer, and a rank may get none.
     Differentiable: the gradient of ``x`` is all-gathered over the sequence-parallel group, so the
     replicated ``x`` receives the full (single-device) gradient on every rank.
     """
     if mesh.sp_size == 1:
         return x
-    return _Shard.apply(x, mesh.sp_group, mesh.sp_size, mesh.sp_rank, dim % x.dim())
+    dim = dim % x.dim()
+    sizes = split_sizes(x.shape[dim], mesh.sp_size)
+    return _Shard.apply(x, mesh.sp_group, sizes, mesh.sp_rank, dim)
 
 
-def gather_sequence(x_local: torch.Tensor, mesh: ParallelMesh, dim: int = 1) -> torch.Tensor:
+def gather_sequence(
+    x_local: torch.Tensor, mesh: ParallelMesh, dim: int = 1, seq_len: int | Sequence[int] | None = None
+) -> torch.Tensor:
     """Concatenate every sequence-parallel rank's chunk along ``dim``, in ``sp_rank`` order.
 
-    The result is replicated on every rank. All chunks must have the same length. Differentiable:
-    the gradient is this rank's chunk of the (replicated) output gradient.
+    ``seq_len``: ``None`` (every chunk has this rank's length), the global length ``L`` (the
+    ``shard_sequence`` layout) or every rank's length; the result has exactly ``L`` entries along
+    ``dim``, replicated on every rank. Differentiable: the gradient is this rank's chunk of the
+    (replicated) output gradient.
     """
+    dim = dim % x_local.dim()
+    sizes = resolve_lengths(seq_len, mesh.sp_size, mesh.sp_rank, x_local.shape[dim], "gather_sequence")
     if mesh.sp_size == 1:
         return x_local
-    return _Gather.apply(x_local, mesh.sp_group, mesh.sp_size, mesh.sp_rank, dim % x_local.dim())
+    return _Gather.apply(x_local, mesh.sp_group, sizes, mesh.sp_rank, dim)
 
 
 # torch 2.13 renamed all_gather_into_tensor (deprecated there) to all_gather_single.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-def all_gather(x: torch.Tensor, group: dist.ProcessGroup, *, dim: int) -> torch.Tensor:
-    """Concatenate every rank's ``x`` along ``dim`` in group-rank order (same shape on every rank).
+def all_gather(x: torch.Tensor, group: dist.ProcessGroup, *, dim: int, sizes: list[int] | None = None) -> torch.Tensor:
+    """Concatenate every rank's ``x`` along ``dim`` in group-rank order.
 
-    One collective; not differentiable (see ``gather_sequence`` for the autograd version).
+    ``sizes``: every rank's extent along ``dim`` (default: all equal to this rank's). Uneven chunks
+    travel padded to the longest and are cut back, so the result has exactly ``sum(sizes)``
+    entries. One collective; not differentiable (see ``gather_sequence`` for the autograd version).
     """
     world = dist.get_world_size(group)
     dim = dim % x.dim()
+    longest = x.shape[dim] if sizes is None else max(sizes)
+    if x.shape[dim] < longest:
+        pad = list(x.shape)
+        pad[dim] = longest - x.shape[dim]
+        x = torch.cat((x, x.new_zeros(pad)), dim)
+    x = x.movedim(dim, 0).contiguous()
     out = x.new_empty((world * x.shape[0], *x.shape[1:]))
-    _all_gather_single(out, x.contiguous(), group=group)
-    return out.unflatten(0, (world, -1)).movedim(0, dim).flatten(dim, dim + 1)
+    _all_gather_single(out, x, group=group)
+    out = out.unflatten(0, (world, -1))  # [P, longest, ...]
+    if sizes is not None and len(set(sizes)) > 1:
+        return torch.cat([out[p, :n] for p, n in enumerate(sizes)]).movedim(0, dim)
+    return out.flatten(0, 1).movedim(0, dim)
 
 
 class _Shard(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group, world, rank, dim):  # type: ignore[override]
-        ctx.group, ctx.world, ctx.dim = group, world, dim
-        ctx.sizes = [c.shape[dim] for c in torch.tensor_split(x, world, dim)]
-        return torch.tensor_split(x, world, dim)[rank].clone()
+    def forward(ctx, x, group, sizes, rank, dim):  # type: ignore[override]
+        ctx.group, ctx.sizes, ctx.dim = group, sizes, dim
+        return torch.tensor_split(x, len(sizes), dim)[rank].clone()
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        if len(set(ctx.sizes)) != 1:
-            raise ValueError(f"shard_sequence backward needs equal chunks; got lengths {ctx.sizes} along dim {ctx.dim}")
-        return all_gather(grad, ctx.group, dim=ctx.dim), None, None, None, None
+        return all_gather(grad, ctx.group, dim=ctx.dim, sizes=ctx.sizes), None, None, None, None
 
 
 class _Gather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_local, group, world, rank, dim):  # type: ignore[override]
-        ctx.world, ctx.rank, ctx.dim = world, rank, dim
-        return all_gather(x_local, group, dim=dim)
+    def forward(ctx, x_local, group, sizes, rank, dim):  # type: ignore[override]
+        ctx.sizes, ctx.rank, ctx.dim = sizes, rank, dim
+        return all_gather(x_local, group, dim=dim, sizes=sizes)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        return torch.tensor_split(grad, ctx.world, ctx.dim)[ctx.rank].contiguous(), None, None, None, None
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad.narrow(ctx.dim, start, ctx.sizes[ctx.rank]).contiguous(), None, None, None, None
