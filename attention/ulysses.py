@@ -37,7 +37,8 @@ def ulysses_core(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup, inne
     heads = split_sizes(q.shape[2], world)
     q, k, v = all_to_all((q, k, v), group, scatter_dim=2, gather_dim=1, scatter_sizes=heads, gather_sizes=lengths)
     out = inner(q, k, v)
-    return all_to_all((out,), group, scatter_dim=1, gather_dim=2, scatter_sizes=lengths, gather_sizes=heads)[0]
+    out = all_to_all((out,), group, scatter_dim=1, gather_dim=2, scatter_sizes=lengths, gather_sizes=heads)[0]
+    return out.contiguous()  # the exchange leaves heads outermost in memory; callers get [B, S, H, D]
 
 
 def ulysses_attention(

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One run on an accelerator machine: GPU tests (1 GPU, then torchrun on 2 and N GPUs), then the attention
-# sweep on 1, 2 and N GPUs. Everything is logged to $OUT/log.txt; the sweep's table, CSV, JSON and plot
-# land in $OUT. Usage (from the repo root, wheels from ../shared/gpu/fetch_wheels.sh fa3 in .whl/):
+# sweep on 1, 2 and N GPUs (override: WORLDS="1 2 3 4", PARITY_WORLDS="4"). Everything is logged to
+# $OUT/log.txt; the sweep's table, CSV, JSON and plot land in $OUT. Usage (from the repo root, wheels from ../shared/gpu/fetch_wheels.sh fa3 in .whl/):
 #   bash benchmarks/gpu_run.sh [extra sweep args...]
 set -u
 OUT=${OUT:-results/gpu}
@@ -27,7 +27,7 @@ c = AttentionCall(torch.device('cuda'), torch.bfloat16, 128, False)
 for b in BACKENDS: print(' backend', b.name, '->', b.why_not(c) or 'ok')"
   echo "== single-GPU backend tests"
   timeout 300 python3 -m pytest tests/test_backends.py -m gpu -q -p no:cacheprovider --tb=short 2>&1 | tail -25
-  for n in 2 "$N"; do
+  for n in ${PARITY_WORLDS:-2 $N}; do
     echo "== multi-GPU parity tests on $n GPUs"
     timeout 300 torchrun --nproc_per_node "$n" --local-ranks-filter 0 -m pytest tests/test_gpu_parallel.py -q \
       -p no:cacheprovider --tb=short 2>&1 | grep -v "^W1\|warn" | tail -40
