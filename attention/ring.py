@@ -108,7 +108,7 @@ def ring_attention_core(
     lengths: list[int],
 ) -> Tensor:
     """Ring attention on validated inputs with a chosen backend; ``lengths``: every rank's tokens."""
-    if dist.get_world_size(group) == 1:
+    if group.size() == 1:
         return run_backend(backend, q, k, v, scale)[0]
     if needs_grad(q, k, v):
         return _RingAttention.apply(q, k, v, group, scale, backend, lengths)
@@ -134,7 +134,7 @@ def ring_attention(
     Any head count. Differentiable; gradients equal the single-device ones.
     """
     check_qkv(q, k, v, self_attention=True, what="ring_attention")
-    lengths = resolve_lengths(seq_len, dist.get_world_size(group), dist.get_rank(group), q.shape[1], "ring_attention")
+    lengths = resolve_lengths(seq_len, group.size(), group.rank(), q.shape[1], "ring_attention")
     scale = resolve_scale(scale, q.shape[-1])
     chosen = select_backend(backend, AttentionCall(q.device, q.dtype, q.shape[-1], needs_grad(q, k, v)))
     return ring_attention_core(q, k, v, group, scale, chosen, lengths)

@@ -31,7 +31,7 @@ def ulysses_core(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup, inne
 
     ``lengths``: every group rank's number of tokens, in rank order (this rank's is q's length).
     """
-    world = dist.get_world_size(group)
+    world = group.size()
     if world == 1:
         return inner(q, k, v)
     heads = split_sizes(q.shape[2], world)
@@ -60,7 +60,7 @@ def ulysses_attention(
     gradients equal the single-device ones.
     """
     check_qkv(q, k, v, self_attention=True, what="ulysses_attention")
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    world, rank = group.size(), group.rank()
     lengths = resolve_lengths(seq_len, world, rank, q.shape[1], "ulysses_attention")
     scale = resolve_scale(scale, q.shape[-1])
     chosen: Backend = select_backend(backend, AttentionCall(q.device, q.dtype, q.shape[-1], needs_grad(q, k, v)))

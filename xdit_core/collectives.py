@@ -1,6 +1,8 @@
 """Collectives with autograd: all-to-all, sequence shard and sequence gather.
 
-Every function takes its process group (or mesh) explicitly. Gradients follow the single-device
+Every function takes its process group (or mesh) explicitly. Hot paths ask the group itself for its
+size and this rank (``group.size()``, ``group.rank()``): ``dist.get_world_size(group)`` costs
+several microseconds of Python per call. Gradients follow the single-device
 semantics: a tensor replicated on every rank gets the full gradient on every rank.
 """
 
@@ -65,7 +67,7 @@ def _all_to_all_forward(
     tensors next, then the remaining dims with ``scatter_sizes[p]`` entries of the scatter dim. The
     received blocks concatenate along their first dim, so every output is a view of the buffer.
     """
-    world, me = dist.get_world_size(group), dist.get_rank(group)
+    world, me = group.size(), group.rank()
     x0 = tensors[0]
     rest = [x0.shape[i] for i in range(x0.dim()) if i != gather_dim]
     sd_rest = scatter_dim if scatter_dim < gather_dim else scatter_dim - 1  # scatter dim's place in rest
@@ -73,14 +75,13 @@ def _all_to_all_forward(
     for i, n in enumerate(rest):
         numel_rest *= 1 if i == sd_rest else n
     block = len(tensors) * numel_rest  # elements per gather entry and per scatter entry
+    nd = x0.dim()
     if len(set(scatter_sizes)) == 1:  # equal split: one copy kernel
-        n = scatter_sizes[0]
-        parts = []
-        for x in tensors:
-            y = x.unflatten(scatter_dim, (world, n))  # rank axis at scatter_dim, entries after it
-            g = gather_dim if gather_dim < scatter_dim else gather_dim + 1
-            parts.append(y.movedim((scatter_dim, g), (0, 1)))
-        send = torch.stack(parts, dim=2).reshape(-1)
+        # view the scatter dim as (rank, entries), then order dims as (rank, gather, rest...)
+        split = [*x0.shape[:scatter_dim], world, scatter_sizes[0], *x0.shape[scatter_dim + 1 :]]
+        g = gather_dim if gather_dim < scatter_dim else gather_dim + 1
+        order = [scatter_dim, g, *(i for i in range(nd + 1) if i not in (scatter_dim, g))]
+        send = torch.stack([x.reshape(split).permute(order) for x in tensors], dim=2).view(-1)
     else:
         send = x0.new_empty(x0.shape[gather_dim] * sum(scatter_sizes) * block)
         offset = start = 0
@@ -100,7 +101,8 @@ def _all_to_all_forward(
         send_counts = [x0.shape[gather_dim] * size * block for size in scatter_sizes]
         recv_counts = [size * scatter_sizes[me] * block for size in gather_sizes]
         dist.all_to_all_single(recv.view(-1), send, recv_counts, send_counts, group=group)
-    return tuple(recv.select(1, t).movedim(0, gather_dim) for t in range(len(tensors)))
+    back = [*range(1, gather_dim + 1), 0, *range(gather_dim + 1, nd)]  # the gather dim back in its place
+    return tuple(recv.select(1, t).permute(back) for t in range(len(tensors)))
 
 
 class _AllToAll(torch.autograd.Function):
@@ -148,7 +150,7 @@ def all_to_all(
     scatter_dim, gather_dim = scatter_dim % nd, gather_dim % nd
     if scatter_dim == gather_dim:
         raise ValueError(f"scatter_dim and gather_dim must differ, both are {scatter_dim}")
-    world, me = dist.get_world_size(group), dist.get_rank(group)
+    world, me = group.size(), group.rank()
     size = x0.shape[scatter_dim]
     if scatter_sizes is None:
         if size % world:
@@ -172,6 +174,8 @@ def all_to_all(
         )
     if world == 1:
         return tensors
+    if not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors)):  # inference: skip autograd's cost
+        return _all_to_all_forward(tensors, group, scatter_dim, gather_dim, scatter_sizes, gather_sizes)
     return _AllToAll.apply(group, scatter_dim, gather_dim, scatter_sizes, gather_sizes, *tensors)
 
 
@@ -217,7 +221,7 @@ def all_gather(x: torch.Tensor, group: dist.ProcessGroup, *, dim: int, sizes: li
     travel padded to the longest and are cut back, so the result has exactly ``sum(sizes)``
     entries. One collective; not differentiable (see ``gather_sequence`` for the autograd version).
     """
-    world = dist.get_world_size(group)
+    world = group.size()
     dim = dim % x.dim()
     longest = x.shape[dim] if sizes is None else max(sizes)
     if x.shape[dim] < longest:

@@ -21,8 +21,8 @@ class RingExchange:
 
     def __init__(self, group: dist.ProcessGroup) -> None:
         self.group = group
-        self.size = dist.get_world_size(group)
-        self.rank = dist.get_rank(group)
+        self.size = group.size()
+        self.rank = group.rank()
         self._pending: tuple[dist.Work, torch.Tensor, torch.Tensor] | None = None
 
     def start(self, block: torch.Tensor) -> None:
