@@ -81,7 +81,10 @@ def _all_to_all_forward(
         split = [*x0.shape[:scatter_dim], world, scatter_sizes[0], *x0.shape[scatter_dim + 1 :]]
         g = gather_dim if gather_dim < scatter_dim else gather_dim + 1
         order = [scatter_dim, g, *(i for i in range(nd + 1) if i not in (scatter_dim, g))]
-        send = torch.stack([x.reshape(split).permute(order) for x in tensors], dim=2).view(-1)
+        parts = [x.reshape(split).permute(order) for x in tensors]  # [P, gather, rest...] each
+        send = x0.new_empty((*parts[0].shape[:2], len(tensors), *parts[0].shape[2:]))
+        torch.stack(parts, dim=2, out=send)  # into a contiguous buffer: one copy kernel
+        send = send.view(-1)
     else:
         send = x0.new_empty(x0.shape[gather_dim] * sum(scatter_sizes) * block)
         offset = start = 0
