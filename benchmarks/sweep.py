@@ -176,17 +176,18 @@ def _plot(rows: list[dict], path: Path) -> None:
         print("matplotlib not installed: no plot (pip install -e .[bench])")
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    series: dict[tuple[str, str], dict[int, float]] = {}
-    for r in rows:
-        if r["speedup"] is None or r["variant"] == "allgather_kv" or r["variant"].startswith("single "):
-            continue
-        best = series.setdefault((r["workload"], r["shape"]), {})
-        best[r["world"]] = max(best.get(r["world"], 0.0), r["speedup"])
     worlds = sorted({r["world"] for r in rows})
-    for (workload, shape), pts in sorted(series.items()):
-        xs = sorted(pts)
-        ax.plot(xs, [pts[x] for x in xs], marker="o", label=f"{workload} {shape} (best mesh)")
-    ax.plot(worlds, worlds, "k--", lw=0.8, label="linear")
+    for key, style, what in (("speedup", "-", "eager"), ("graph_speedup", "--", "CUDA graph")):
+        series: dict[str, dict[int, float]] = {}
+        for r in rows:
+            if r.get(key) is None or r["variant"] == "allgather_kv" or r["variant"].startswith("single "):
+                continue
+            best = series.setdefault(f"{r['workload']} {r['shape']}", {})
+            best[r["world"]] = max(best.get(r["world"], 0.0), r[key])
+        for i, (label, pts) in enumerate(sorted(series.items())):
+            xs = sorted(pts)
+            ax.plot(xs, [pts[x] for x in xs], style, color=f"C{i}", marker="o", label=f"{label}, best mesh, {what}")
+    ax.plot(worlds, worlds, "k:", lw=0.8, label="linear")
     ax.set_xlabel("devices")
     ax.set_ylabel("speedup over 1 device")
     ax.set_xticks(worlds)
@@ -249,6 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.report:
         folder = Path(args.report)
         rows = [r for f in sorted(folder.glob("world_*.json")) for r in json.loads(f.read_text())]
+        if not rows:
+            raise SystemExit(f"sweep --report: no rows in {folder}/world_*.json (run the torchrun sweeps first)")
         print(write_report(rows, folder))
         return
     if "WORLD_SIZE" in os.environ:  # under torchrun: this world only, results appended per world
