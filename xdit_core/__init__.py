@@ -1,6 +1,6 @@
 """Mesh, start-up and collectives for sequence-parallel attention."""
 
-from xdit_core.collectives import all_gather, all_to_all, gather_sequence, shard_sequence
+from xdit_core.collectives import all_gather, all_to_all, gather_sequence, shard_sequence, split_sizes
 from xdit_core.launch import DistributedContext, init_distributed, spawn
 from xdit_core.mesh import ParallelMesh, mesh_coordinates, sp_index
 from xdit_core.ring_exchange import RingExchange
@@ -17,4 +17,5 @@ __all__ = [
     "shard_sequence",
     "sp_index",
     "spawn",
+    "split_sizes",
 ]
