@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from attention.backends import AttentionCall, Backend, select_backend
 from attention.checks import check_qkv, needs_grad, resolve_scale
+from attention.joint import attend_with_joint, check_joint
 from attention.local import run_backend
 from attention.merge import merge_attention_
 from xdit_core.collectives import resolve_lengths
@@ -122,19 +123,29 @@ def ring_attention(
     group: dist.ProcessGroup,
     *,
     seq_len: int | Sequence[int] | None = None,
+    joint: tuple[Tensor, Tensor, Tensor] | None = None,
     scale: float | None = None,
     backend: str = "auto",
-) -> Tensor:
+) -> Tensor | tuple[Tensor, Tensor]:
     """Exact attention over a sequence sharded across ``group`` by rotating k/v blocks.
 
     q, k, v ``[B, S_local, H, D]``: rank ``i`` of ``group`` holds chunk ``i`` of the sequence.
     ``seq_len`` as in ``ulysses_attention`` (``None``: equal chunks; ``L``: the ``shard_sequence``
     layout; or every rank's length): blocks travel padded to the longest and only their real rows
-    are attended. Returns ``[B, S_local, H, D]``, this rank's rows of the full-sequence attention.
-    Any head count. Differentiable; gradients equal the single-device ones.
+    are attended. Returns ``[B, S_local, H, D]``, this rank's rows of the full-sequence attention;
+    with ``joint`` (replicated tokens, as in ``ulysses_attention``) ``(out, joint_out)``. Any head
+    count. Differentiable; gradients equal the single-device ones.
     """
     check_qkv(q, k, v, self_attention=True, what="ring_attention")
+    joint = None if joint is None else check_joint(joint, q, "ring_attention")
     lengths = resolve_lengths(seq_len, group.size(), group.rank(), q.shape[1], "ring_attention")
     scale = resolve_scale(scale, q.shape[-1])
-    chosen = select_backend(backend, AttentionCall(q.device, q.dtype, q.shape[-1], needs_grad(q, k, v)))
-    return ring_attention_core(q, k, v, group, scale, chosen, lengths)
+    grad = needs_grad(q, k, v, *(joint or ()))
+    chosen = select_backend(backend, AttentionCall(q.device, q.dtype, q.shape[-1], grad))
+
+    def attend(q: Tensor, k: Tensor, v: Tensor, lengths: list[int]) -> Tensor:
+        return ring_attention_core(q, k, v, group, scale, chosen, lengths)
+
+    if joint is None:
+        return attend(q, k, v, lengths)
+    return attend_with_joint(attend, q, k, v, joint, group, lengths)

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from attention.backends import AttentionCall, Backend, select_backend
 from attention.checks import check_qkv, needs_grad, resolve_scale
+from attention.joint import attend_with_joint, check_joint
 from attention.local import run_backend
 from xdit_core.collectives import all_to_all, resolve_lengths, split_sizes
 
@@ -48,20 +49,31 @@ def ulysses_attention(
     group: dist.ProcessGroup,
     *,
     seq_len: int | Sequence[int] | None = None,
+    joint: tuple[Tensor, Tensor, Tensor] | None = None,
     scale: float | None = None,
     backend: str = "auto",
-) -> Tensor:
+) -> Tensor | tuple[Tensor, Tensor]:
     """Exact attention over a sequence sharded across ``group``, by all-to-all over heads.
 
     q, k, v ``[B, S_local, H, D]``: rank ``i`` of ``group`` holds chunk ``i`` of the sequence.
     ``seq_len``: ``None`` (all chunks have this rank's length), the global length ``L`` (chunks laid
     out as ``shard_sequence`` does, ``torch.tensor_split``; a rank may hold none), or every rank's
-    length. Any head count (uneven head split). Returns ``[B, S_local, H, D]``. Differentiable;
-    gradients equal the single-device ones.
+    length. Any head count (uneven head split). Returns ``[B, S_local, H, D]``; with ``joint``
+    (``(q, k, v)`` ``[B, J, H, D]`` replicated on every rank, e.g. text tokens) returns
+    ``(out, joint_out [B, J, H, D])``, the joint tokens attending and attended to exactly once
+    (``attention.joint``). Differentiable; gradients equal the single-device ones.
     """
     check_qkv(q, k, v, self_attention=True, what="ulysses_attention")
+    joint = None if joint is None else check_joint(joint, q, "ulysses_attention")
     world, rank = group.size(), group.rank()
     lengths = resolve_lengths(seq_len, world, rank, q.shape[1], "ulysses_attention")
     scale = resolve_scale(scale, q.shape[-1])
-    chosen: Backend = select_backend(backend, AttentionCall(q.device, q.dtype, q.shape[-1], needs_grad(q, k, v)))
-    return ulysses_core(q, k, v, group, lambda q, k, v: run_backend(chosen, q, k, v, scale)[0], lengths)
+    grad = needs_grad(q, k, v, *(joint or ()))
+    chosen: Backend = select_backend(backend, AttentionCall(q.device, q.dtype, q.shape[-1], grad))
+
+    def attend(q: Tensor, k: Tensor, v: Tensor, lengths: list[int]) -> Tensor:
+        return ulysses_core(q, k, v, group, lambda q, k, v: run_backend(chosen, q, k, v, scale)[0], lengths)
+
+    if joint is None:
+        return attend(q, k, v, lengths)
+    return attend_with_joint(attend, q, k, v, joint, group, lengths)

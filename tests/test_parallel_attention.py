@@ -6,6 +6,7 @@ Each world size runs in one spawn; hypothesis picks the shapes inside it (the sa
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import pytest
 import torch
@@ -14,10 +15,11 @@ from dist_utils import agreed_max, excess, rank_settings, reference_attention, r
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from attention import ring as ring_module
 from attention import ring_attention, ulysses_attention, usp_attention
 from attention.backends import BACKENDS
 from attention.ring import ring_attention_core
-from xdit_core import ParallelMesh, gather_sequence, shard_sequence
+from xdit_core import ParallelMesh, all_gather, gather_sequence, shard_sequence
 
 # world size -> meshes (ulysses, ring, batch) checked in that world
 MESHES = {
@@ -29,12 +31,12 @@ EXAMPLES = 10
 
 
 def _primitives(mesh: ParallelMesh):
-    """(name, fn(q, k, v, seq_len, scale)) for every primitive that applies to this mesh."""
-    yield "usp", lambda q, k, v, n, s: usp_attention(q, k, v, mesh, seq_len=n, scale=s)
+    """(name, fn(q, k, v, seq_len, scale, joint=None)) for every primitive that applies to this mesh."""
+    yield "usp", partial(usp_attention, mesh=mesh)
     if mesh.batch_size == 1 and mesh.ring_size == 1:
-        yield "ulysses", lambda q, k, v, n, s: ulysses_attention(q, k, v, mesh.ulysses_group, seq_len=n, scale=s)
+        yield "ulysses", partial(ulysses_attention, group=mesh.ulysses_group)
     if mesh.batch_size == 1 and mesh.ulysses_size == 1:
-        yield "ring", lambda q, k, v, n, s: ring_attention(q, k, v, mesh.ring_group, seq_len=n, scale=s)
+        yield "ring", partial(ring_attention, group=mesh.ring_group)
 
 
 def _parity(mesh: ParallelMesh, fn, name: str) -> dict:
@@ -65,13 +67,13 @@ def _parity(mesh: ParallelMesh, fn, name: str) -> dict:
         rows = torch.tensor_split(torch.arange(shape[0]), mesh.batch_size)[mesh.batch_rank]
         full = [x[rows].clone().requires_grad_() for x in (q, k, v)]
         local = [shard_sequence(x, mesh, dim=1) for x in full]
-        out = gather_sequence(fn(*local, seq, scale), mesh, dim=1, seq_len=seq)
+        out = gather_sequence(fn(*local, seq_len=seq, scale=scale), mesh, dim=1, seq_len=seq)
         out.backward(dout[rows])
         errs = [excess(out, ref[rows])] + [excess(a.grad, r.grad[rows]) for a, r in zip(full, ref_in, strict=True)]
         with torch.no_grad():  # inference path, on plain (non-autograd) chunks
             chunk = torch.tensor_split(torch.arange(seq), mesh.sp_size)[mesh.sp_rank]
             plain = [x[rows][:, chunk] for x in (q, k, v)]
-            errs.append(excess(fn(*plain, seq, scale), ref[rows][:, chunk]))
+            errs.append(excess(fn(*plain, seq_len=seq, scale=scale), ref[rows][:, chunk]))
         worst = agreed_max(max(errs))
         stats["examples"] += 1
         stats["uneven"] += int(seq % mesh.sp_size != 0 or heads % mesh.ulysses_size != 0)
@@ -80,6 +82,77 @@ def _parity(mesh: ParallelMesh, fn, name: str) -> dict:
 
     check()
     return stats
+
+
+def _replicated_joint(mesh: ParallelMesh, fn, name: str) -> int:
+    """Joint tokens replicated on every rank: keys counted once, outputs identical everywhere."""
+    examples = 0
+
+    @rank_settings(6)
+    @example(joint_len=1, seq=1, heads=1, seed=0)
+    @given(
+        joint_len=st.integers(1, 2 * mesh.sp_size + 1),
+        seq=st.integers(1, 3 * mesh.sp_size + 1),
+        heads=st.integers(1, 5),
+        seed=st.integers(0, 2**31 - 1),
+    )
+    def check(joint_len, seq, heads, seed):
+        nonlocal examples
+        g = torch.Generator().manual_seed(seed)
+        b = mesh.batch_size
+        # the full sequence is [joint; image]; the joint part is replicated, the image part sharded
+        q, k, v, dout = (torch.randn(b, joint_len + seq, heads, 8, generator=g) for _ in range(4))
+        ref_in = [x.clone().requires_grad_() for x in (q, k, v)]
+        ref = reference_attention(*ref_in, None)
+        ref.backward(dout)
+        rows = [mesh.batch_rank]
+        joint = [x[rows][:, :joint_len].clone().requires_grad_() for x in (q, k, v)]
+        image = [x[rows][:, joint_len:].clone().requires_grad_() for x in (q, k, v)]
+        local = [shard_sequence(x, mesh, dim=1) for x in image]
+        out, joint_out = fn(*local, seq_len=seq, joint=tuple(joint))
+        out = gather_sequence(out, mesh, dim=1, seq_len=seq)
+        torch.autograd.backward((out, joint_out), (dout[rows][:, joint_len:], dout[rows][:, :joint_len]))
+        r = ref[rows]
+        errs = [excess(out, r[:, joint_len:]), excess(joint_out, r[:, :joint_len])]
+        errs += [excess(x.grad, y.grad[rows][:, joint_len:]) for x, y in zip(image, ref_in, strict=True)]
+        errs += [excess(x.grad, y.grad[rows][:, :joint_len]) for x, y in zip(joint, ref_in, strict=True)]
+        # joint keys counted twice would give this instead; it must be told apart
+        twice = reference_attention(
+            q[rows],
+            torch.cat((k[rows][:, :joint_len], k[rows]), 1),
+            torch.cat((v[rows][:, :joint_len], v[rows]), 1),
+            None,
+        )
+        errs.append(-excess(joint_out, twice[:, :joint_len], atol=1e-4, rtol=0))
+        # bitwise identical joint outputs on every rank of the sequence-parallel group
+        everyone = all_gather(joint_out.detach().contiguous(), mesh.sp_group, dim=0)
+        errs.append(0.0 if all(torch.equal(c, joint_out) for c in everyone.split(joint_out.shape[0], 0)) else 1.0)
+        assert agreed_max(max(errs)) <= 0, f"{name} joint on {mesh.describe()}: J={joint_len} L={seq}: {errs}"
+        examples += 1
+
+    check()
+    return examples
+
+
+def _padding_never_attended(world: int) -> None:
+    """Blocks travel padded to the longest chunk; poisoning the padding must not change anything."""
+    original = ring_module._pack_kv
+
+    def poisoned(k, v, rows):
+        kv = original(k, v, rows)
+        kv[:, :, k.shape[1] :] = float("nan")
+        return kv
+
+    ring_module._pack_kv = poisoned
+    try:
+        g = torch.Generator().manual_seed(3)
+        seq = 2 * world + 1  # uneven: the last ranks' blocks are padded
+        q, k, v = (torch.randn(1, seq, 2, 8, generator=g) for _ in range(3))
+        chunk = torch.tensor_split(torch.arange(seq), world)[dist.get_rank()]
+        out = ring_attention(q[:, chunk], k[:, chunk], v[:, chunk], dist.group.WORLD, seq_len=seq)
+        assert agreed_max(excess(out, reference_attention(q, k, v, None)[:, chunk])) <= 0
+    finally:
+        ring_module._pack_kv = original
 
 
 def _sharded_joint(mesh: ParallelMesh) -> int:
@@ -169,14 +242,17 @@ def _corrupted_lse_is_caught(world: int) -> dict[str, float]:
 
 def _world_worker(world: int) -> dict:
     worker_setup()
-    report: dict = {"parity": {}, "errors": {}}
+    report: dict = {"parity": {}, "errors": {}, "replicated_joint": {}}
     for u, r, b in MESHES[world]:
         mesh = ParallelMesh.build(ulysses=u, ring=r, batch=b)
         for name, fn in _primitives(mesh):
             report["parity"][f"{name} {mesh.describe()}"] = _parity(mesh, fn, name)
         report["errors"][mesh.describe()] = _bad_input_errors(mesh)
         report["sharded_joint"] = report.get("sharded_joint", 0) + _sharded_joint(mesh)
+        for name, fn in _primitives(mesh):
+            report["replicated_joint"][f"{name} {mesh.describe()}"] = _replicated_joint(mesh, fn, name)
     report["corrupt"] = _corrupted_lse_is_caught(world)
+    _padding_never_attended(world)
     return report
 
 
@@ -201,3 +277,5 @@ def test_parallel_attention_matches_single_device(world):
     assert all(refused(r) == refused(report) for r in reports)
     assert report["corrupt"]["zero"] > 1e-3 and report["corrupt"]["bf16"] > 0
     assert report["sharded_joint"] == 3 * len(MESHES[world])
+    assert report["replicated_joint"].keys() == report["parity"].keys()
+    assert all(n >= 6 for n in report["replicated_joint"].values())

@@ -182,18 +182,36 @@ def all_to_all(
     return _AllToAll.apply(group, scatter_dim, gather_dim, scatter_sizes, gather_sizes, *tensors)
 
 
+def shard(x: torch.Tensor, group: dist.ProcessGroup, *, dim: int) -> torch.Tensor:
+    """This rank's chunk of a tensor replicated over ``group``: ``tensor_split(x, size, dim)[rank]``.
+
+    Differentiable: the gradient of ``x`` is all-gathered over ``group``, so the replicated ``x``
+    receives the full (single-device) gradient on every rank.
+    """
+    world = group.size()
+    if world == 1:
+        return x
+    dim = dim % x.dim()
+    return _Shard.apply(x, group, split_sizes(x.shape[dim], world), group.rank(), dim)
+
+
+def gather(x_local: torch.Tensor, group: dist.ProcessGroup, *, dim: int, sizes: list[int]) -> torch.Tensor:
+    """Every rank's chunk (``sizes[p]`` entries from rank ``p``) concatenated along ``dim``, on every rank.
+
+    Differentiable: the gradient is this rank's chunk of the (replicated) output gradient.
+    """
+    if group.size() == 1:
+        return x_local
+    return _Gather.apply(x_local, group, sizes, group.rank(), dim % x_local.dim())
+
+
 def shard_sequence(x: torch.Tensor, mesh: ParallelMesh, dim: int = 1) -> torch.Tensor:
     """This rank's chunk of a tensor replicated on every rank: ``tensor_split(x, sp_size, dim)[sp_rank]``.
 
-    Any length: the first ``L % sp_size`` chunks are one longer, and a rank may get none.
-    Differentiable: the gradient of ``x`` is all-gathered over the sequence-parallel group, so the
-    replicated ``x`` receives the full (single-device) gradient on every rank.
+    Any length: the first ``L % sp_size`` chunks are one longer, and a rank may get none. The
+    gradient of ``x`` is the full single-device gradient on every rank (see :func:`shard`).
     """
-    if mesh.sp_size == 1:
-        return x
-    dim = dim % x.dim()
-    sizes = split_sizes(x.shape[dim], mesh.sp_size)
-    return _Shard.apply(x, mesh.sp_group, sizes, mesh.sp_rank, dim)
+    return shard(x, mesh.sp_group, dim=dim)
 
 
 def gather_sequence(
@@ -208,9 +226,7 @@ def gather_sequence(
     """
     dim = dim % x_local.dim()
     sizes = resolve_lengths(seq_len, mesh.sp_size, mesh.sp_rank, x_local.shape[dim], "gather_sequence")
-    if mesh.sp_size == 1:
-        return x_local
-    return _Gather.apply(x_local, mesh.sp_group, sizes, mesh.sp_rank, dim)
+    return gather(x_local, mesh.sp_group, dim=dim, sizes=sizes)
 
 
 # torch 2.13 renamed all_gather_into_tensor (deprecated there) to all_gather_single.
