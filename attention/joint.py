@@ -14,10 +14,12 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from attention.masking import Keep, keep_lists
 from xdit_core.collectives import gather, shard, split_sizes
 
 Tensor = torch.Tensor
-Attend = Callable[[Tensor, Tensor, Tensor, list[int]], Tensor]  # (q, k, v, every rank's length) -> out
+# (q, k, v, every rank's length, per sample the kept key positions or None) -> out
+Attend = Callable[[Tensor, Tensor, Tensor, list[int], Keep | None], Tensor]
 
 
 def check_joint(joint: object, q: Tensor, what: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -37,23 +39,41 @@ def check_joint(joint: object, q: Tensor, what: str) -> tuple[Tensor, Tensor, Te
     return joint[0], joint[1], joint[2]
 
 
-def attend_with_joint(
+def attend_layout(
     attend: Attend,
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    joint: tuple[Tensor, Tensor, Tensor],
     group: dist.ProcessGroup,
     lengths: list[int],
-) -> tuple[Tensor, Tensor]:
-    """``(out [B, S_local, H, D], joint_out [B, J, H, D])``: ``attend`` over the sequence plus the joint tokens.
+    key_mask: Tensor | None,
+    joint: tuple[Tensor, Tensor, Tensor] | None,
+    joint_key_mask: Tensor | None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Run ``attend`` on this rank's chunk, with the joint tokens and the key masks folded in.
 
-    ``group`` is the group the sequence is sharded over, ``lengths`` every rank's sequence length.
+    ``group`` is the group the sequence is sharded over, ``lengths`` every rank's sequence length,
+    ``key_mask`` ``[B, sum(lengths)]`` and ``joint_key_mask`` ``[B, J]`` (True = attend). Returns
+    ``out [B, S_local, H, D]``, or ``(out, joint_out [B, J, H, D])`` with joint tokens.
     """
+    if joint is None:
+        return attend(q, k, v, lengths, None if key_mask is None else keep_lists(key_mask))
     world, rank = group.size(), group.rank()
     joint_sizes = split_sizes(joint[0].shape[1], world)
     mine = [shard(x, group, dim=1) for x in joint]  # this rank's share of the joint tokens
     q, k, v = (torch.cat((j, x), dim=1) for j, x in zip(mine, (q, k, v), strict=True))
-    out = attend(q, k, v, [j + n for j, n in zip(joint_sizes, lengths, strict=True)])
+    layout = [j + n for j, n in zip(joint_sizes, lengths, strict=True)]
+    keep = None
+    if key_mask is not None or joint_key_mask is not None:
+        batch, device = q.shape[0], key_mask.device if key_mask is not None else joint_key_mask.device
+        km = key_mask if key_mask is not None else torch.ones(batch, sum(lengths), dtype=torch.bool, device=device)
+        jm = joint_key_mask if joint_key_mask is not None else torch.ones(batch, joint[0].shape[1], dtype=torch.bool)
+        km, jm = km.cpu(), jm.cpu()
+        pieces, seq_at, joint_at = [], 0, 0
+        for j, n in zip(joint_sizes, lengths, strict=True):  # each rank's block: [its joint share; its chunk]
+            pieces += [jm[:, joint_at : joint_at + j], km[:, seq_at : seq_at + n]]
+            joint_at, seq_at = joint_at + j, seq_at + n
+        keep = keep_lists(torch.cat(pieces, dim=1))
+    out = attend(q, k, v, layout, keep)
     joint_out, out = out.split([joint_sizes[rank], out.shape[1] - joint_sizes[rank]], dim=1)
     return out, gather(joint_out, group, dim=1, sizes=joint_sizes)

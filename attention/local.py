@@ -6,6 +6,7 @@ import torch
 
 from attention.backends import AttentionCall, Backend, select_backend
 from attention.checks import check_qkv, needs_grad, resolve_scale
+from attention.masking import Keep, block_keep, check_key_mask, keep_lists
 
 Tensor = torch.Tensor
 
@@ -52,20 +53,70 @@ class _AttentionWithLse(torch.autograd.Function):
 
 
 def attention_with_lse(
-    q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, backend: str = "auto"
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    key_mask: Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """Softmax attention on one device, with its log-sum-exp.
 
     q ``[B, S_q, H, D]``, k and v ``[B, S_k, H, D]`` → ``out [B, S_q, H, D]`` (q's dtype) and
-    ``lse [B, H, S_q]`` float32, natural log: ``lse = log Σ_k exp(scale · q·k)``. ``scale`` defaults
-    to ``D**-0.5``. ``backend`` is ``"auto"`` (fastest that fits) or a name from ``BACKEND_NAMES``.
-    Differentiable in q, k, v through both outputs.
+    ``lse [B, H, S_q]`` float32, natural log: ``lse = log Σ_k exp(scale · q·k)``. ``key_mask``
+    ``[B, S_k]`` bool (True = attend): per-sample keys to leave out (a sample with none kept gets
+    output 0, lse -inf). ``scale`` defaults to ``D**-0.5``. ``backend`` is ``"auto"`` (fastest that
+    fits) or a name from ``BACKEND_NAMES``. Differentiable in q, k, v through both outputs.
     """
     check_qkv(q, k, v, self_attention=False, what="attention_with_lse")
+    keep = None
+    if key_mask is not None:
+        keep = keep_lists(check_key_mask(key_mask, k.shape[0], k.shape[1], "attention_with_lse"))
     scale = resolve_scale(scale, q.shape[-1])
     grad = needs_grad(q, k, v)
     chosen = select_backend(backend, AttentionCall(q.device, q.dtype, q.shape[-1], grad))
-    return run_backend(chosen, q, k, v, scale)
+    return run_masked(chosen, q, k, v, scale, block_keep(keep, 0, k.shape[1], q.device))
+
+
+def run_masked(
+    backend: Backend, q: Tensor, k: Tensor, v: Tensor, scale: float, keep: Keep | None
+) -> tuple[Tensor, Tensor]:
+    """:func:`run_backend` attending, per sample, only the keys ``keep[b]`` (all keys if ``keep`` is None)."""
+    if keep is None:
+        return run_backend(backend, q, k, v, scale)
+    parts = [
+        run_backend(backend, q[b : b + 1], k[b : b + 1].index_select(1, idx), v[b : b + 1].index_select(1, idx), scale)
+        for b, idx in enumerate(keep)
+    ]
+    return torch.cat([o for o, _ in parts]), torch.cat([lse for _, lse in parts])
+
+
+def masked_backward(
+    backend: Backend,
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    scale: float,
+    keep: Keep | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``backend.backward`` for attention over the kept keys; masked keys get zero gradient."""
+    if keep is None:
+        return backend.backward(dout, q, k, v, out, lse, scale)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for b, idx in enumerate(keep):
+        if idx.numel() == 0:
+            continue
+        s = slice(b, b + 1)
+        k_b, v_b = k[s].index_select(1, idx), v[s].index_select(1, idx)
+        dq_b, dk_b, dv_b = backend.backward(dout[s], q[s], k_b, v_b, out[s], lse[s], scale)
+        dq[s] = dq_b
+        dk[b].index_add_(0, idx, dk_b[0].to(dk.dtype))
+        dv[b].index_add_(0, idx, dv_b[0].to(dv.dtype))
+    return dq, dk, dv
 
 
 def run_backend(backend: Backend, q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:

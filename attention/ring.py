@@ -16,8 +16,9 @@ import torch.distributed as dist
 
 from attention.backends import AttentionCall, Backend, select_backend
 from attention.checks import check_qkv, needs_grad, resolve_scale
-from attention.joint import attend_with_joint, check_joint
-from attention.local import run_backend
+from attention.joint import attend_layout, check_joint
+from attention.local import masked_backward, run_masked
+from attention.masking import Keep, block_keep, check_masks
 from attention.merge import merge_attention_
 from xdit_core.collectives import resolve_lengths
 from xdit_core.ring_exchange import RingExchange
@@ -35,10 +36,22 @@ def _pack_kv(k: Tensor, v: Tensor, rows: int) -> Tensor:
     return kv
 
 
+def _starts(lengths: list[int]) -> list[int]:
+    return [sum(lengths[:i]) for i in range(len(lengths))]
+
+
 def _ring_forward(
-    q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup, scale: float, backend: Backend, lengths: list[int]
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    group: dist.ProcessGroup,
+    scale: float,
+    backend: Backend,
+    lengths: list[int],
+    keep: Keep | None,
 ) -> tuple[Tensor, Tensor]:
     ring = RingExchange(group)
+    starts = _starts(lengths)
     kv = _pack_kv(k, v, max(lengths))
     work = q.shape[1] > 0 and q.shape[2] > 0
     out = lse = None
@@ -46,9 +59,11 @@ def _ring_forward(
         last = step == ring.size - 1
         if not last:
             ring.start(kv)
-        rows = lengths[(ring.rank - step) % ring.size]  # valid rows of the block we hold
+        src = (ring.rank - step) % ring.size  # the block we hold started there
+        rows = lengths[src]  # its real rows
         if work and rows:
-            block_out, block_lse = backend.forward(q, kv[0, :, :rows], kv[1, :, :rows], scale)
+            kept = block_keep(keep, starts[src], starts[src] + rows, q.device)
+            block_out, block_lse = run_masked(backend, q, kv[0, :, :rows], kv[1, :, :rows], scale, kept)
             if out is None:
                 out, lse = block_out.float(), block_lse.float()
             else:
@@ -62,10 +77,10 @@ def _ring_forward(
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, group, scale, backend, lengths):  # type: ignore[override]
-        out, lse = _ring_forward(q, k, v, group, scale, backend, lengths)
+    def forward(ctx, q, k, v, group, scale, backend, lengths, keep):  # type: ignore[override]
+        out, lse = _ring_forward(q, k, v, group, scale, backend, lengths, keep)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group, ctx.scale, ctx.backend, ctx.lengths = group, scale, backend, lengths
+        ctx.group, ctx.scale, ctx.backend, ctx.lengths, ctx.keep = group, scale, backend, lengths, keep
         return out
 
     @staticmethod
@@ -73,6 +88,7 @@ class _RingAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         backend: Backend = ctx.backend
         lengths: list[int] = ctx.lengths
+        starts = _starts(lengths)
         kv_ring, grad_ring = RingExchange(ctx.group), RingExchange(ctx.group)
         kv = _pack_kv(k, v, max(lengths))
         work = q.shape[1] > 0 and q.shape[2] > 0
@@ -82,12 +98,14 @@ class _RingAttention(torch.autograd.Function):
             last = step == kv_ring.size - 1
             if not last:
                 kv_ring.start(kv)
-            rows = lengths[(kv_ring.rank - step) % kv_ring.size]
+            src = (kv_ring.rank - step) % kv_ring.size
+            rows = lengths[src]
             if step > 0:
                 dkv = grad_ring.wait()  # the gradient buffer of the block we now hold
             if work and rows:
-                block_dq, block_dk, block_dv = backend.backward(
-                    dout, q, kv[0, :, :rows], kv[1, :, :rows], out, lse, ctx.scale
+                kept = block_keep(ctx.keep, starts[src], starts[src] + rows, q.device)
+                block_dq, block_dk, block_dv = masked_backward(
+                    backend, dout, q, kv[0, :, :rows], kv[1, :, :rows], out, lse, ctx.scale, kept
                 )
                 dq += block_dq
                 dkv[0, :, :rows] += block_dk
@@ -96,7 +114,7 @@ class _RingAttention(torch.autograd.Function):
             if not last:
                 kv = kv_ring.wait()
         dkv = grad_ring.wait()[:, :, : k.shape[1]]  # our own block's gradients, back from their last visit
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None
 
 
 def ring_attention_core(
@@ -107,13 +125,18 @@ def ring_attention_core(
     scale: float,
     backend: Backend,
     lengths: list[int],
+    keep: Keep | None = None,
 ) -> Tensor:
-    """Ring attention on validated inputs with a chosen backend; ``lengths``: every rank's tokens."""
+    """Ring attention on validated inputs with a chosen backend.
+
+    ``lengths``: every rank's tokens; ``keep``: per sample, the kept key positions in the order of
+    the ranks' blocks (``None``: no mask).
+    """
     if group.size() == 1:
-        return run_backend(backend, q, k, v, scale)[0]
+        return run_masked(backend, q, k, v, scale, block_keep(keep, 0, k.shape[1], q.device))[0]
     if needs_grad(q, k, v):
-        return _RingAttention.apply(q, k, v, group, scale, backend, lengths)
-    return _ring_forward(q, k, v, group, scale, backend, lengths)[0]
+        return _RingAttention.apply(q, k, v, group, scale, backend, lengths, keep)
+    return _ring_forward(q, k, v, group, scale, backend, lengths, keep)[0]
 
 
 def ring_attention(
@@ -123,7 +146,9 @@ def ring_attention(
     group: dist.ProcessGroup,
     *,
     seq_len: int | Sequence[int] | None = None,
+    key_mask: Tensor | None = None,
     joint: tuple[Tensor, Tensor, Tensor] | None = None,
+    joint_key_mask: Tensor | None = None,
     scale: float | None = None,
     backend: str = "auto",
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -133,19 +158,19 @@ def ring_attention(
     ``seq_len`` as in ``ulysses_attention`` (``None``: equal chunks; ``L``: the ``shard_sequence``
     layout; or every rank's length): blocks travel padded to the longest and only their real rows
     are attended. Returns ``[B, S_local, H, D]``, this rank's rows of the full-sequence attention;
-    with ``joint`` (replicated tokens, as in ``ulysses_attention``) ``(out, joint_out)``. Any head
-    count. Differentiable; gradients equal the single-device ones.
+    with ``joint`` (replicated tokens, as in ``ulysses_attention``) ``(out, joint_out)``.
+    ``key_mask`` / ``joint_key_mask`` as in ``ulysses_attention``. Any head count. Differentiable;
+    gradients equal the single-device ones.
     """
     check_qkv(q, k, v, self_attention=True, what="ring_attention")
     joint = None if joint is None else check_joint(joint, q, "ring_attention")
     lengths = resolve_lengths(seq_len, group.size(), group.rank(), q.shape[1], "ring_attention")
+    check_masks(key_mask, joint_key_mask, joint, q.shape[0], sum(lengths), "ring_attention")
     scale = resolve_scale(scale, q.shape[-1])
     grad = needs_grad(q, k, v, *(joint or ()))
     chosen = select_backend(backend, AttentionCall(q.device, q.dtype, q.shape[-1], grad))
 
-    def attend(q: Tensor, k: Tensor, v: Tensor, lengths: list[int]) -> Tensor:
-        return ring_attention_core(q, k, v, group, scale, chosen, lengths)
+    def attend(q: Tensor, k: Tensor, v: Tensor, lengths: list[int], keep: Keep | None) -> Tensor:
+        return ring_attention_core(q, k, v, group, scale, chosen, lengths, keep)
 
-    if joint is None:
-        return attend(q, k, v, lengths)
-    return attend_with_joint(attend, q, k, v, joint, group, lengths)
+    return attend_layout(attend, q, k, v, group, lengths, key_mask, joint, joint_key_mask)

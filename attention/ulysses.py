@@ -19,8 +19,9 @@ import torch.distributed as dist
 
 from attention.backends import AttentionCall, Backend, select_backend
 from attention.checks import check_qkv, needs_grad, resolve_scale
-from attention.joint import attend_with_joint, check_joint
-from attention.local import run_backend
+from attention.joint import attend_layout, check_joint
+from attention.local import run_masked
+from attention.masking import Keep, block_keep, check_masks
 from xdit_core.collectives import all_to_all, resolve_lengths, split_sizes
 
 Tensor = torch.Tensor
@@ -49,7 +50,9 @@ def ulysses_attention(
     group: dist.ProcessGroup,
     *,
     seq_len: int | Sequence[int] | None = None,
+    key_mask: Tensor | None = None,
     joint: tuple[Tensor, Tensor, Tensor] | None = None,
+    joint_key_mask: Tensor | None = None,
     scale: float | None = None,
     backend: str = "auto",
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -61,19 +64,23 @@ def ulysses_attention(
     length. Any head count (uneven head split). Returns ``[B, S_local, H, D]``; with ``joint``
     (``(q, k, v)`` ``[B, J, H, D]`` replicated on every rank, e.g. text tokens) returns
     ``(out, joint_out [B, J, H, D])``, the joint tokens attending and attended to exactly once
-    (``attention.joint``). Differentiable; gradients equal the single-device ones.
+    (``attention.joint``). ``key_mask`` ``[B, L]`` bool (True = attend), the same on every rank,
+    masks keys per sample (``joint_key_mask`` ``[B, J]`` the joint tokens); a query with no kept key
+    gets output 0. Differentiable; gradients equal the single-device ones.
     """
     check_qkv(q, k, v, self_attention=True, what="ulysses_attention")
     joint = None if joint is None else check_joint(joint, q, "ulysses_attention")
     world, rank = group.size(), group.rank()
     lengths = resolve_lengths(seq_len, world, rank, q.shape[1], "ulysses_attention")
+    check_masks(key_mask, joint_key_mask, joint, q.shape[0], sum(lengths), "ulysses_attention")
     scale = resolve_scale(scale, q.shape[-1])
     grad = needs_grad(q, k, v, *(joint or ()))
     chosen: Backend = select_backend(backend, AttentionCall(q.device, q.dtype, q.shape[-1], grad))
 
-    def attend(q: Tensor, k: Tensor, v: Tensor, lengths: list[int]) -> Tensor:
-        return ulysses_core(q, k, v, group, lambda q, k, v: run_backend(chosen, q, k, v, scale)[0], lengths)
+    def attend(q: Tensor, k: Tensor, v: Tensor, lengths: list[int], keep: Keep | None) -> Tensor:
+        def local(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            return run_masked(chosen, q, k, v, scale, block_keep(keep, 0, k.shape[1], q.device))[0]
 
-    if joint is None:
-        return attend(q, k, v, lengths)
-    return attend_with_joint(attend, q, k, v, joint, group, lengths)
+        return ulysses_core(q, k, v, group, local, lengths)
+
+    return attend_layout(attend, q, k, v, group, lengths, key_mask, joint, joint_key_mask)
