@@ -53,10 +53,22 @@ def excess(actual: torch.Tensor, expected: torch.Tensor, atol: float = ATOL, rto
     return diff.max().item()
 
 
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
-    """``F.scaled_dot_product_attention`` in the ``[B, S, H, D]`` layout."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+def reference_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, key_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` in the ``[B, S, H, D]`` layout; ``key_mask`` ``[B, S_k]`` bool."""
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale
+    )
     return out.transpose(1, 2)
+
+
+def random_key_mask(batch: int, length: int, generator: torch.Generator) -> torch.Tensor:
+    """A random ``[batch, length]`` key mask that keeps at least one key per sample."""
+    mask = torch.rand(batch, length, generator=generator) > 0.4
+    mask[torch.arange(batch), torch.randint(length, (batch,), generator=generator)] = True
+    return mask
 
 
 def worker_setup() -> None:

@@ -11,7 +11,7 @@ from functools import partial
 import pytest
 import torch
 import torch.distributed as dist
-from dist_utils import agreed_max, excess, rank_settings, reference_attention, run_ranks, worker_setup
+from dist_utils import agreed_max, excess, random_key_mask, rank_settings, reference_attention, run_ranks, worker_setup
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -40,43 +40,47 @@ def _primitives(mesh: ParallelMesh):
 
 
 def _parity(mesh: ParallelMesh, fn, name: str) -> dict:
-    stats = {"examples": 0, "max_err": 0.0, "uneven": 0}
+    stats = {"examples": 0, "max_err": 0.0, "uneven": 0, "masked": 0}
 
     @rank_settings(EXAMPLES)
-    @example(batch=1, seq=mesh.sp_size * 3, heads=mesh.ulysses_size, head_dim=8, scale=None, seed=0)  # divisible
-    @example(batch=2, seq=1, heads=1, head_dim=4, scale=None, seed=1)  # one token, one head
-    @example(batch=1, seq=mesh.sp_size + 1, heads=5, head_dim=8, scale=0.7, seed=2)  # uneven tokens and heads
+    @example(batch=1, seq=mesh.sp_size * 3, heads=mesh.ulysses_size, head_dim=8, scale=None, masked=False, seed=0)
+    @example(batch=2, seq=1, heads=1, head_dim=4, scale=None, masked=False, seed=1)  # one token, one head
+    @example(batch=2, seq=mesh.sp_size + 1, heads=5, head_dim=8, scale=0.7, masked=True, seed=2)  # uneven, masked
     @given(
         batch=st.integers(1, 2),
         seq=st.integers(1, 4 * mesh.sp_size + 1),  # any length: primes, fewer tokens than ranks, ...
         heads=st.integers(1, 7),  # any head count, divisible by the ulysses degree or not
         head_dim=st.sampled_from([1, 4, 8, 16, 40]),
         scale=st.sampled_from([None, 0.05, 0.7]),
+        masked=st.booleans(),
         seed=st.integers(0, 2**31 - 1),
     )
-    def check(batch, seq, heads, head_dim, scale, seed):
+    def check(batch, seq, heads, head_dim, scale, masked, seed):
         g = torch.Generator().manual_seed(seed)
         shape = (batch * mesh.batch_size, seq, heads, head_dim)
         q, k, v, dout = (torch.randn(shape, generator=g) for _ in range(4))
+        mask = random_key_mask(shape[0], seq, g) if masked else None
         ref_in = [x.clone().requires_grad_() for x in (q, k, v)]
-        ref = reference_attention(*ref_in, scale)
+        ref = reference_attention(*ref_in, scale, mask)
         ref.backward(dout)
 
         # This rank's samples (batch axis), sequence shard by shard_sequence; gradients come back
         # through gather/shard autograd, so q.grad must equal the single-device gradient.
         rows = torch.tensor_split(torch.arange(shape[0]), mesh.batch_size)[mesh.batch_rank]
+        key_mask = None if mask is None else mask[rows]
         full = [x[rows].clone().requires_grad_() for x in (q, k, v)]
         local = [shard_sequence(x, mesh, dim=1) for x in full]
-        out = gather_sequence(fn(*local, seq_len=seq, scale=scale), mesh, dim=1, seq_len=seq)
+        out = gather_sequence(fn(*local, seq_len=seq, key_mask=key_mask, scale=scale), mesh, dim=1, seq_len=seq)
         out.backward(dout[rows])
         errs = [excess(out, ref[rows])] + [excess(a.grad, r.grad[rows]) for a, r in zip(full, ref_in, strict=True)]
         with torch.no_grad():  # inference path, on plain (non-autograd) chunks
             chunk = torch.tensor_split(torch.arange(seq), mesh.sp_size)[mesh.sp_rank]
             plain = [x[rows][:, chunk] for x in (q, k, v)]
-            errs.append(excess(fn(*plain, seq_len=seq, scale=scale), ref[rows][:, chunk]))
+            errs.append(excess(fn(*plain, seq_len=seq, key_mask=key_mask, scale=scale), ref[rows][:, chunk]))
         worst = agreed_max(max(errs))
         stats["examples"] += 1
         stats["uneven"] += int(seq % mesh.sp_size != 0 or heads % mesh.ulysses_size != 0)
+        stats["masked"] += int(masked)
         stats["max_err"] = max(stats["max_err"], (out - ref[rows]).abs().max().item())
         assert worst <= 0, f"{name} on {mesh.describe()}: shape {shape} scale {scale}: out/dq/dk/dv/no-grad {errs}"
 
@@ -89,27 +93,33 @@ def _replicated_joint(mesh: ParallelMesh, fn, name: str) -> int:
     examples = 0
 
     @rank_settings(6)
-    @example(joint_len=1, seq=1, heads=1, seed=0)
+    @example(joint_len=1, seq=1, heads=1, masked=False, seed=0)
+    @example(joint_len=3, seq=2 * mesh.sp_size + 1, heads=2, masked=True, seed=1)
     @given(
         joint_len=st.integers(1, 2 * mesh.sp_size + 1),
         seq=st.integers(1, 3 * mesh.sp_size + 1),
         heads=st.integers(1, 5),
+        masked=st.booleans(),
         seed=st.integers(0, 2**31 - 1),
     )
-    def check(joint_len, seq, heads, seed):
+    def check(joint_len, seq, heads, masked, seed):
         nonlocal examples
         g = torch.Generator().manual_seed(seed)
         b = mesh.batch_size
         # the full sequence is [joint; image]; the joint part is replicated, the image part sharded
         q, k, v, dout = (torch.randn(b, joint_len + seq, heads, 8, generator=g) for _ in range(4))
+        mask = random_key_mask(b, joint_len + seq, g) if masked else None
         ref_in = [x.clone().requires_grad_() for x in (q, k, v)]
-        ref = reference_attention(*ref_in, None)
+        ref = reference_attention(*ref_in, None, mask)
         ref.backward(dout)
         rows = [mesh.batch_rank]
         joint = [x[rows][:, :joint_len].clone().requires_grad_() for x in (q, k, v)]
         image = [x[rows][:, joint_len:].clone().requires_grad_() for x in (q, k, v)]
         local = [shard_sequence(x, mesh, dim=1) for x in image]
-        out, joint_out = fn(*local, seq_len=seq, joint=tuple(joint))
+        masks = {}
+        if masked:
+            masks = {"key_mask": mask[rows][:, joint_len:], "joint_key_mask": mask[rows][:, :joint_len]}
+        out, joint_out = fn(*local, seq_len=seq, joint=tuple(joint), **masks)
         out = gather_sequence(out, mesh, dim=1, seq_len=seq)
         torch.autograd.backward((out, joint_out), (dout[rows][:, joint_len:], dout[rows][:, :joint_len]))
         r = ref[rows]
@@ -265,6 +275,7 @@ def test_parallel_attention_matches_single_device(world):
     for key, stats in report["parity"].items():
         assert stats["examples"] >= EXAMPLES, key
         assert stats["uneven"] >= 1, key
+        assert stats["masked"] >= 1, key
         assert stats["max_err"] < 1e-5, key
     for msgs in report["errors"].values():
         assert len(msgs) == 9, msgs
