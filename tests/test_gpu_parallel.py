@@ -125,3 +125,46 @@ def test_forward_only_backends_in_ring(ctx):
     for backend in forward_only:
         out = ring_attention(q[:, rows], k[:, rows], v[:, rows], group, backend=backend)
         assert _agreed(_rel(out, ref[:, rows]), device) <= 2 * base + 1e-6, backend
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_bf16_joint_tokens_and_key_masks(ctx, masked):
+    """FLUX-like [text; image] with replicated text and (optionally) per-sample key masks."""
+    world, rank, device = ctx.world_size, ctx.rank, ctx.device
+    b, joint_len, seq, h, d = 2, 77, 1009, 5, 64
+    gen = torch.Generator(device).manual_seed(99)
+    full = (b, joint_len + seq, h, d)
+    q, k, v, dout = (torch.randn(full, generator=gen, device=device, dtype=torch.bfloat16) for _ in range(4))
+    mask = None
+    if masked:
+        mask = torch.rand(b, joint_len + seq, generator=gen, device=device) > 0.3
+        mask[:, joint_len] = True  # every sample keeps a key
+
+    ref_in = [x.float().requires_grad_() for x in (q, k, v)]
+    ref = F.scaled_dot_product_attention(
+        *(x.transpose(1, 2) for x in ref_in), attn_mask=None if mask is None else mask[:, None, None, :]
+    ).transpose(1, 2)
+    ref.backward(dout.float())
+    single_in = [x.clone().requires_grad_() for x in (q, k, v)]
+    single = attention_with_lse(*single_in, key_mask=mask)[0]
+    single.backward(dout)
+    base = [_rel(single, ref)] + [_rel(a.grad, r.grad) for a, r in zip(single_in, ref_in, strict=True)]
+
+    rows = torch.tensor_split(torch.arange(seq, device=device), world)[rank] + joint_len
+    masks = {} if mask is None else {"key_mask": mask[:, joint_len:], "joint_key_mask": mask[:, :joint_len]}
+    for u, r in _meshes(world):
+        mesh = ParallelMesh.build(ulysses=u, ring=r)
+        joint = [x[:, :joint_len].clone().requires_grad_() for x in (q, k, v)]
+        local = [x[:, rows].clone().requires_grad_() for x in (q, k, v)]
+        out, joint_out = usp_attention(*local, mesh, seq_len=seq, joint=tuple(joint), **masks)
+        torch.autograd.backward((out, joint_out), (dout[:, rows], dout[:, :joint_len]))
+        errs = {
+            "out": (_rel(out, ref[:, rows]), base[0]),
+            "joint_out": (_rel(joint_out, ref[:, :joint_len]), base[0]),
+        }
+        for i, name in enumerate("qkv"):
+            errs[f"d{name}"] = (_rel(local[i].grad, ref_in[i].grad[:, rows]), base[1 + i])
+            errs[f"joint d{name}"] = (_rel(joint[i].grad, ref_in[i].grad[:, :joint_len]), base[1 + i])
+        for what, (err, b_err) in errs.items():
+            worst = _agreed(err, device)
+            assert worst <= 2 * b_err + 1e-6, f"u{u}r{r} masked={masked}: {what} {worst:.3e} vs {b_err:.3e}"
