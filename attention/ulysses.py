@@ -40,7 +40,7 @@ def ulysses_core(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup, inne
     q, k, v = all_to_all((q, k, v), group, scatter_dim=2, gather_dim=1, scatter_sizes=heads, gather_sizes=lengths)
     out = inner(q, k, v)
     out = all_to_all((out,), group, scatter_dim=1, gather_dim=2, scatter_sizes=lengths, gather_sizes=heads)[0]
-    return out.contiguous()  # the exchange leaves heads outermost in memory; callers get [B, S, H, D]
+    return out.contiguous()  # already so for B = 1; for B > 1 the exchange leaves the heads outermost
 
 
 def ulysses_attention(

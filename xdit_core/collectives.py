@@ -8,6 +8,7 @@ semantics: a tensor replicated on every rank gets the full gradient on every ran
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -69,6 +70,8 @@ def _all_to_all_forward(
     """
     world, me = group.size(), group.rank()
     x0 = tensors[0]
+    if len(tensors) == 1 and x0.is_contiguous() and math.prod(x0.shape[:scatter_dim]) == 1:
+        return (_exchange_in_place(x0, group, scatter_dim, gather_dim, scatter_sizes, gather_sizes),)
     rest = [x0.shape[i] for i in range(x0.dim()) if i != gather_dim]
     sd_rest = scatter_dim if scatter_dim < gather_dim else scatter_dim - 1  # scatter dim's place in rest
     numel_rest = 1
@@ -106,6 +109,42 @@ def _all_to_all_forward(
         dist.all_to_all_single(recv.view(-1), send, recv_counts, send_counts, group=group)
     back = [*range(1, gather_dim + 1), 0, *range(gather_dim + 1, nd)]  # the gather dim back in its place
     return tuple(recv.select(1, t).permute(back) for t in range(len(tensors)))
+
+
+def _exchange_in_place(
+    x: torch.Tensor,
+    group: dist.ProcessGroup,
+    scatter_dim: int,
+    gather_dim: int,
+    scatter_sizes: list[int],
+    gather_sizes: list[int],
+) -> torch.Tensor:
+    """The same exchange for one tensor whose scatter-dim chunks already lie one after another.
+
+    (Contiguous, every dim before the scatter dim of size 1: Ulysses' output for ``B = 1``.) The
+    tensor is sent as it is, and one ``cat`` places the received pieces: one copy, contiguous output.
+    """
+    me = group.rank()
+
+    def numel(scatter: int, gather: int) -> int:
+        shape = list(x.shape)
+        shape[scatter_dim], shape[gather_dim] = scatter, gather
+        return math.prod(shape)
+
+    send_counts = [numel(n, x.shape[gather_dim]) for n in scatter_sizes]
+    recv_counts = [numel(scatter_sizes[me], n) for n in gather_sizes]
+    recv = x.new_empty(sum(recv_counts))
+    if len(set(send_counts)) == 1 and len(set(recv_counts)) == 1:
+        dist.all_to_all_single(recv, x.view(-1), group=group)
+    else:
+        dist.all_to_all_single(recv, x.view(-1), recv_counts, send_counts, group=group)
+    pieces, offset = [], 0
+    for n, count in zip(gather_sizes, recv_counts, strict=True):
+        shape = list(x.shape)
+        shape[scatter_dim], shape[gather_dim] = scatter_sizes[me], n
+        pieces.append(recv[offset : offset + count].view(shape))
+        offset += count
+    return torch.cat(pieces, dim=gather_dim)
 
 
 class _AllToAll(torch.autograd.Function):
