@@ -7,8 +7,15 @@ degrees), so a bad call raises the same ``ValueError`` on every rank before any 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
+
+from attention.backends import AttentionCall, Backend, select_backend
+from attention.joint import check_joint
+from attention.masking import check_masks
+from xdit_core.collectives import resolve_lengths
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, self_attention: bool, what: str) -> None:
@@ -51,3 +58,38 @@ def resolve_scale(scale: float | None, head_dim: int) -> float:
 
 def needs_grad(*xs: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
+
+
+@dataclass(frozen=True)
+class SequenceCall:
+    """What a validated sequence-parallel call needs: every rank's length, the scale, the kernel."""
+
+    joint: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    lengths: list[int]
+    scale: float
+    backend: Backend
+
+
+def check_sequence_call(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group_size: int,
+    group_rank: int,
+    seq_len: int | Sequence[int] | None,
+    key_mask: torch.Tensor | None,
+    joint: object,
+    joint_key_mask: torch.Tensor | None,
+    scale: float | None,
+    backend: str,
+    what: str,
+) -> SequenceCall:
+    """Validate a Ulysses / ring / USP call before any collective and choose its kernel."""
+    check_qkv(q, k, v, self_attention=True, what=what)
+    checked = None if joint is None else check_joint(joint, q, what)
+    lengths = resolve_lengths(seq_len, group_size, group_rank, q.shape[1], what)
+    check_masks(key_mask, joint_key_mask, checked, q.shape[0], sum(lengths), what)
+    grad = needs_grad(q, k, v, *(checked or ()))
+    chosen = select_backend(backend, AttentionCall(q.device, q.dtype, q.shape[-1], grad))
+    return SequenceCall(checked, lengths, resolve_scale(scale, q.shape[-1]), chosen)

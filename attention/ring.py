@@ -14,13 +14,12 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from attention.backends import AttentionCall, Backend, select_backend
-from attention.checks import check_qkv, needs_grad, resolve_scale
-from attention.joint import attend_layout, check_joint
+from attention.backends import Backend
+from attention.checks import check_sequence_call, needs_grad
+from attention.joint import attend_layout
 from attention.local import masked_backward, run_masked
-from attention.masking import Keep, block_keep, check_masks
+from attention.masking import Keep, block_keep
 from attention.merge import merge_attention_
-from xdit_core.collectives import resolve_lengths
 from xdit_core.ring_exchange import RingExchange
 
 Tensor = torch.Tensor
@@ -162,15 +161,12 @@ def ring_attention(
     ``key_mask`` / ``joint_key_mask`` as in ``ulysses_attention``. Any head count. Differentiable;
     gradients equal the single-device ones.
     """
-    check_qkv(q, k, v, self_attention=True, what="ring_attention")
-    joint = None if joint is None else check_joint(joint, q, "ring_attention")
-    lengths = resolve_lengths(seq_len, group.size(), group.rank(), q.shape[1], "ring_attention")
-    check_masks(key_mask, joint_key_mask, joint, q.shape[0], sum(lengths), "ring_attention")
-    scale = resolve_scale(scale, q.shape[-1])
-    grad = needs_grad(q, k, v, *(joint or ()))
-    chosen = select_backend(backend, AttentionCall(q.device, q.dtype, q.shape[-1], grad))
+    call = check_sequence_call(
+        q, k, v, group_size=group.size(), group_rank=group.rank(), seq_len=seq_len, key_mask=key_mask,
+        joint=joint, joint_key_mask=joint_key_mask, scale=scale, backend=backend, what="ring_attention",
+    )  # fmt: skip
 
     def attend(q: Tensor, k: Tensor, v: Tensor, lengths: list[int], keep: Keep | None) -> Tensor:
-        return ring_attention_core(q, k, v, group, scale, chosen, lengths, keep)
+        return ring_attention_core(q, k, v, group, call.scale, call.backend, lengths, keep)
 
-    return attend_layout(attend, q, k, v, group, lengths, key_mask, joint, joint_key_mask)
+    return attend_layout(attend, q, k, v, group, call.lengths, key_mask, call.joint, joint_key_mask)

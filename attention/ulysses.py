@@ -17,12 +17,11 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from attention.backends import AttentionCall, Backend, select_backend
-from attention.checks import check_qkv, needs_grad, resolve_scale
-from attention.joint import attend_layout, check_joint
+from attention.checks import check_sequence_call
+from attention.joint import attend_layout
 from attention.local import run_masked
-from attention.masking import Keep, block_keep, check_masks
-from xdit_core.collectives import all_to_all, resolve_lengths, split_sizes
+from attention.masking import Keep, block_keep
+from xdit_core.collectives import all_to_all, split_sizes
 
 Tensor = torch.Tensor
 Inner = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -68,19 +67,15 @@ def ulysses_attention(
     masks keys per sample (``joint_key_mask`` ``[B, J]`` the joint tokens); a query with no kept key
     gets output 0. Differentiable; gradients equal the single-device ones.
     """
-    check_qkv(q, k, v, self_attention=True, what="ulysses_attention")
-    joint = None if joint is None else check_joint(joint, q, "ulysses_attention")
-    world, rank = group.size(), group.rank()
-    lengths = resolve_lengths(seq_len, world, rank, q.shape[1], "ulysses_attention")
-    check_masks(key_mask, joint_key_mask, joint, q.shape[0], sum(lengths), "ulysses_attention")
-    scale = resolve_scale(scale, q.shape[-1])
-    grad = needs_grad(q, k, v, *(joint or ()))
-    chosen: Backend = select_backend(backend, AttentionCall(q.device, q.dtype, q.shape[-1], grad))
+    call = check_sequence_call(
+        q, k, v, group_size=group.size(), group_rank=group.rank(), seq_len=seq_len, key_mask=key_mask,
+        joint=joint, joint_key_mask=joint_key_mask, scale=scale, backend=backend, what="ulysses_attention",
+    )  # fmt: skip
 
     def attend(q: Tensor, k: Tensor, v: Tensor, lengths: list[int], keep: Keep | None) -> Tensor:
         def local(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            return run_masked(chosen, q, k, v, scale, block_keep(keep, 0, k.shape[1], q.device))[0]
+            return run_masked(call.backend, q, k, v, call.scale, block_keep(keep, 0, k.shape[1], q.device))[0]
 
         return ulysses_core(q, k, v, group, local, lengths)
 
-    return attend_layout(attend, q, k, v, group, lengths, key_mask, joint, joint_key_mask)
+    return attend_layout(attend, q, k, v, group, call.lengths, key_mask, call.joint, joint_key_mask)

@@ -13,13 +13,11 @@ from collections.abc import Sequence
 
 import torch
 
-from attention.backends import AttentionCall, select_backend
-from attention.checks import check_qkv, needs_grad, resolve_scale
-from attention.joint import attend_layout, check_joint
-from attention.masking import Keep, check_masks
+from attention.checks import check_sequence_call
+from attention.joint import attend_layout
+from attention.masking import Keep
 from attention.ring import ring_attention_core
 from attention.ulysses import ulysses_core
-from xdit_core.collectives import resolve_lengths
 from xdit_core.mesh import ParallelMesh
 
 Tensor = torch.Tensor
@@ -47,21 +45,18 @@ def usp_attention(
     Ranks on different ``batch`` coordinates work on different samples and do not communicate here.
     Differentiable; gradients equal the single-device ones.
     """
-    check_qkv(q, k, v, self_attention=True, what="usp_attention")
-    joint = None if joint is None else check_joint(joint, q, "usp_attention")
-    lengths = resolve_lengths(seq_len, mesh.sp_size, mesh.sp_rank, q.shape[1], "usp_attention")
-    check_masks(key_mask, joint_key_mask, joint, q.shape[0], sum(lengths), "usp_attention")
-    scale = resolve_scale(scale, q.shape[-1])
-    grad = needs_grad(q, k, v, *(joint or ()))
-    chosen = select_backend(backend, AttentionCall(q.device, q.dtype, q.shape[-1], grad))
+    call = check_sequence_call(
+        q, k, v, group_size=mesh.sp_size, group_rank=mesh.sp_rank, seq_len=seq_len, key_mask=key_mask,
+        joint=joint, joint_key_mask=joint_key_mask, scale=scale, backend=backend, what="usp_attention",
+    )  # fmt: skip
     u = mesh.ulysses_size
 
     def attend(q: Tensor, k: Tensor, v: Tensor, lengths: list[int], keep: Keep | None) -> Tensor:
         ring_lengths = [sum(lengths[r * u : (r + 1) * u]) for r in range(mesh.ring_size)]
 
         def ring(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            return ring_attention_core(q, k, v, mesh.ring_group, scale, chosen, ring_lengths, keep)
+            return ring_attention_core(q, k, v, mesh.ring_group, call.scale, call.backend, ring_lengths, keep)
 
         return ulysses_core(q, k, v, mesh.ulysses_group, ring, lengths[mesh.ring_rank * u : (mesh.ring_rank + 1) * u])
 
-    return attend_layout(attend, q, k, v, mesh.sp_group, lengths, key_mask, joint, joint_key_mask)
+    return attend_layout(attend, q, k, v, mesh.sp_group, call.lengths, key_mask, call.joint, joint_key_mask)
