@@ -41,6 +41,23 @@ def agreed_max(value: float) -> float:
     return t.item()
 
 
+def expect_value_errors(cases: dict[str, Any], group: dist.ProcessGroup | None = None) -> list[str]:
+    """Call each case; every one must raise ``ValueError`` here. Returns ``"name: message"`` lines.
+
+    A barrier afterwards proves no rank was left inside a collective.
+    """
+    messages = []
+    for name, call in cases.items():
+        try:
+            call()
+        except ValueError as e:
+            messages.append(f"{name}: {e}")
+        else:
+            raise AssertionError(f"{name}: no ValueError on rank {dist.get_rank()}")
+    dist.barrier(group)
+    return messages
+
+
 def excess(actual: torch.Tensor, expected: torch.Tensor, atol: float = ATOL, rtol: float = RTOL) -> float:
     """``max(|a - e| - atol - rtol |e|)``: positive iff ``allclose`` fails. NaN counts as failure."""
     if actual.shape != expected.shape:
