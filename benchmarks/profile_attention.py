@@ -11,60 +11,25 @@ q/k/v all-to-all, the output all-to-all and the local attention kernel.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 import torch.distributed as dist
+from sweep import Timer  # the sweep's timer (this script runs from benchmarks/)
 
 from attention import attention_with_lse, ring_attention, ulysses_attention, usp_attention
 from xdit_core import ParallelMesh, init_distributed
 
 
-def _events(fn, iters: int, reps: int) -> float:
-    samples = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        dist.barrier()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / iters)
-    return _slowest(statistics.median(samples))
-
-
 def _cpu_issue(fn, iters: int) -> float:
+    """Milliseconds of host time to issue one call (slowest rank), the device left to catch up after."""
     torch.cuda.synchronize()
     dist.barrier()
     t0 = time.perf_counter()
     for _ in range(iters):
         fn()
-    t = (time.perf_counter() - t0) * 1e3 / iters
+    t = torch.tensor([(time.perf_counter() - t0) * 1e3 / iters], device="cuda", dtype=torch.float64)
     torch.cuda.synchronize()
-    return _slowest(t)
-
-
-def _graph(fn, iters: int, reps: int) -> float | str:
-    try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return _events(graph.replay, iters, reps)
-    except Exception as e:  # a diagnostic: report why capture failed and go on
-        return f"capture failed: {type(e).__name__}: {str(e)[:80]}"
-
-
-def _slowest(value: float) -> float:
-    t = torch.tensor([value], device="cuda", dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
 
@@ -99,15 +64,13 @@ def _profile(seq: int, first: bool, args: argparse.Namespace, ctx, meshes: dict)
     if ctx.rank == 0:
         print(f"\n== world {world}, S={seq}, local {tuple(shape)}; ms per call (slowest rank, median)")
         print(f"{'variant':<34} {'gpu back-to-back':>16} {'cpu issue':>10} {'graph replay':>14}")
+    timer = Timer(torch.device("cuda"), warmup=3, iters=args.iters, reps=args.reps)
     for name, fn in variants.items():
-        for _ in range(3):
-            fn()
-        gpu = _events(fn, args.iters, args.reps)
+        gpu = timer(fn)
         cpu = _cpu_issue(fn, args.iters)
-        graph = _graph(fn, args.iters, args.reps)
+        graph = timer.graph(fn)
         if ctx.rank == 0:
-            g = f"{graph:14.3f}" if isinstance(graph, float) else f" {graph}"
-            print(f"{name:<34} {gpu:16.3f} {cpu:10.3f} {g}", flush=True)
+            print(f"{name:<34} {gpu:16.3f} {cpu:10.3f} {graph:14.3f}", flush=True)
     if ctx.rank == 0 and first:
         with torch.profiler.profile(
             activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
