@@ -1,6 +1,13 @@
 """Mesh, start-up and collectives for sequence-parallel attention."""
 
-from xdit_core.collectives import all_gather, all_to_all, gather_sequence, shard_sequence, split_sizes
+from xdit_core.collectives import (
+    all_gather,
+    all_to_all,
+    broadcast_tensors,
+    gather_sequence,
+    shard_sequence,
+    split_sizes,
+)
 from xdit_core.launch import DistributedContext, init_distributed, spawn
 from xdit_core.mesh import ParallelMesh, mesh_coordinates, sp_index
 from xdit_core.ring_exchange import RingExchange
@@ -11,6 +18,7 @@ __all__ = [
     "RingExchange",
     "all_gather",
     "all_to_all",
+    "broadcast_tensors",
     "gather_sequence",
     "init_distributed",
     "mesh_coordinates",

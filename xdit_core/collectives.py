@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -316,3 +316,28 @@ class _Gather(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         start = sum(ctx.sizes[: ctx.rank])
         return grad.narrow(ctx.dim, start, ctx.sizes[ctx.rank]).contiguous(), None, None, None, None
+
+
+def broadcast_tensors(
+    tensors: Sequence[torch.Tensor] | None, group: dist.ProcessGroup, *, src: int, device: torch.device
+) -> list[torch.Tensor]:
+    """Rank ``src`` of ``group`` (a group rank) sends ``tensors``; every rank returns them on ``device``.
+
+    Other ranks pass ``None``: the shapes and dtypes travel first, so only ``src`` needs to know them.
+    """
+    meta: list[Any] = [None]
+    if group.rank() == src:
+        if tensors is None:
+            raise ValueError("broadcast_tensors: the source rank must pass its tensors")
+        meta = [[(tuple(t.shape), t.dtype) for t in tensors]]
+    dist.broadcast_object_list(meta, group=group, group_src=src, device=device)
+    out = []
+    for i, (shape, dtype) in enumerate(meta[0]):
+        t = (
+            tensors[i].to(device).contiguous()
+            if group.rank() == src
+            else torch.empty(shape, dtype=dtype, device=device)
+        )
+        dist.broadcast(t, group=group, group_src=src)
+        out.append(t)
+    return out
