@@ -4,16 +4,7 @@
 # $OUT/log.txt; the sweep's table, CSV, JSON and plot land in $OUT. Usage (from the repo root, wheels from ../shared/gpu/fetch_wheels.sh fa3 in .whl/):
 #   bash benchmarks/gpu_run.sh [extra sweep args...]
 set -u
-OUT=${OUT:-results/gpu}
-mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
-N=$(nvidia-smi -L | wc -l)
+. benchmarks/gpu_env.sh
 {
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv

@@ -36,8 +36,17 @@ from workloads import attention_workload
 
 from xdit_core import ParallelMesh, init_distributed, spawn
 
+
+def flux_workload(args: argparse.Namespace, timer: Timer) -> Iterator[dict]:
+    """The FLUX transformer step (``flux_workload.py``; imported here: it needs diffusers)."""
+    from flux_workload import flux_workload as workload
+
+    return workload(args, timer)
+
+
 WORKLOADS: dict[str, Callable[[argparse.Namespace, Timer], Iterator[dict]]] = {
     "attention": attention_workload,
+    "flux": flux_workload,
 }
 
 
@@ -180,7 +189,12 @@ def _plot(rows: list[dict], path: Path) -> None:
     for key, style, what in (("speedup", "-", "eager"), ("graph_speedup", "--", "CUDA graph")):
         series: dict[str, dict[int, float]] = {}
         for r in rows:
-            if r.get(key) is None or r["variant"] == "allgather_kv" or r["variant"].startswith("single "):
+            if (
+                r.get(key) is None
+                or r.get("baseline")
+                or r["variant"] == "allgather_kv"
+                or r["variant"].startswith("single ")
+            ):
                 continue
             best = series.setdefault(f"{r['workload']} {r['shape']}", {})
             best[r["world"]] = max(best.get(r["world"], 0.0), r[key])
@@ -212,6 +226,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backend", default="auto")
     p.add_argument("--variants", default="ulysses,ring,usp,allgather_kv")
     p.add_argument("--ulysses-backends", default="", help="also time ulysses with these kernels, e.g. cudnn")
+    p.add_argument(
+        "--flux-sizes", default=None, help="flux: image sizes in pixels (default CPU 112,128; GPU 1024,2048)"
+    )
+    p.add_argument(
+        "--flux-config", default=None, help="flux: dev (FLUX.1-dev size) or tiny (default CPU tiny; GPU dev)"
+    )
+    p.add_argument("--flux-reps", type=int, default=None, help="flux: timed forwards (default CPU 3; GPU 5)")
+    p.add_argument("--flux-warmup", type=int, default=1, help="flux: untimed forwards after the checked one")
+    p.add_argument(
+        "--flux-compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="flux: also time regional torch.compile (plain on world 1, ours on the Ulysses mesh)",
+    )
+    p.add_argument(
+        "--flux-baselines",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="flux, GPUs: also time diffusers' own context parallelism (ulysses and ring)",
+    )
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--reps", type=int, default=None)
@@ -236,11 +270,15 @@ def _apply_defaults(args: argparse.Namespace, gpu: bool) -> None:
         "warmup": 5 if gpu else 2,
         "iters": 20 if gpu else 3,
         "reps": 10 if gpu else 5,
+        "flux_sizes": "1024,2048" if gpu else "112,128",
+        "flux_config": "dev" if gpu else "tiny",
+        "flux_reps": 5 if gpu else 3,
     }
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.seq = [int(s) for s in str(args.seq).split(",")]
+    args.flux_sizes = [int(s) for s in str(args.flux_sizes).split(",")]
     args.dtype_t = getattr(torch, args.dtype)
 
 

@@ -1,0 +1,183 @@
+"""Sweep workload ``flux``: one FLUX transformer forward (one denoising step), parallel and not.
+
+Rows per image size: on world 1 the plain diffusers model (eager, then regional ``torch.compile``);
+on larger worlds ``parallelize_flux`` on every ulysses × ring mesh (text sharded; Ulysses also with
+text replicated), compiled on the Ulysses mesh, and, on GPUs, diffusers' own context parallelism
+(``ContextParallelConfig``, ulysses and ring) as the peer baseline. Every output is checked against
+a float32 forward of the same weights (the bf16 weights cast up): ``max_err`` next to ``ref_err``,
+the error of the plain bf16 model, by the flash-attention rule (pass: at most twice that).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from diffusers import FluxTransformer2DModel
+
+from models import parallelize_flux, unparallelize_flux
+from xdit_core import ParallelMesh
+
+FLUX_DEV = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)  # fmt: skip
+FLUX_TINY = dict(
+    FLUX_DEV, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=3,
+    joint_attention_dim=32, pooled_projection_dim=16, in_channels=16, axes_dims_rope=(4, 6, 6),
+)  # fmt: skip
+TEXT_TOKENS = {"dev": 512, "tiny": 40}
+
+
+def build_flux(config: dict, device: torch.device, dtype: torch.dtype) -> FluxTransformer2DModel:
+    """The transformer with random weights (scaled ×0.5 so 57 blocks stay finite), the same on every rank."""
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = FluxTransformer2DModel(**config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+    return model.requires_grad_(False)
+
+
+def flux_inputs(config: dict, size: int, text: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """A ``size × size`` image: ``(size/16)²`` packed latent tokens, ``text`` text tokens, batch 1."""
+    side = size // 16
+    gen = torch.Generator(device).manual_seed(size)
+    ids = torch.zeros(side, side, 3, device=device)
+    ids[..., 1] += torch.arange(side, device=device)[:, None]
+    ids[..., 2] += torch.arange(side, device=device)[None, :]
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=gen, device=device).to(dtype)
+
+    return dict(
+        hidden_states=randn(1, side * side, config["in_channels"]),
+        encoder_hidden_states=randn(1, text, config["joint_attention_dim"]),
+        pooled_projections=randn(1, config["pooled_projection_dim"]),
+        timestep=torch.full((1,), 0.5, device=device, dtype=dtype),
+        guidance=torch.full((1,), 3.5, device=device, dtype=dtype),
+        img_ids=ids.flatten(0, 1),
+        txt_ids=torch.zeros(text, 3, device=device),
+        return_dict=False,
+    )
+
+
+def _references(model: FluxTransformer2DModel, inputs: dict, cache: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(plain output, float32 output) of the plain model; computed once per machine and cached in ``cache``."""
+    cached = cache.exists()
+    dist.barrier()  # every rank has looked before rank 0 may start writing
+    if cached:
+        saved = torch.load(cache, map_location=inputs["hidden_states"].device)
+        return saved["plain"], saved["fp32"]
+    plain = model(**inputs)[0]
+    dtype = plain.dtype
+    model.float()  # the same (bf16-valued) weights, computed in float32
+    try:
+        up = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+        fp32 = model(**up)[0]
+    finally:
+        model.to(dtype)
+    if dist.get_rank() == 0:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"plain": plain, "fp32": fp32}, cache)
+    return plain, fp32
+
+
+def _err(out: torch.Tensor, ref: torch.Tensor, device: torch.device) -> float:
+    t = torch.tensor([(out.double() - ref.double()).abs().max().item()], dtype=torch.float64)
+    t = t.to(device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def _diffusers_cp(config: dict, device: torch.device, dtype: torch.dtype, **degrees: int) -> FluxTransformer2DModel:
+    from diffusers import ContextParallelConfig
+
+    model = build_flux(config, device, dtype)
+    model.set_attention_backend("_native_cudnn")
+    model.enable_parallelism(config=ContextParallelConfig(**degrees))
+    return model
+
+
+def flux_workload(args: Any, timer: Any) -> Iterator[dict]:
+    """Rows for every size in ``args.flux_sizes`` on this world (see the module docstring)."""
+    world, device = dist.get_world_size(), timer.device
+    gpu = device.type == "cuda"
+    config = FLUX_DEV if args.flux_config == "dev" else FLUX_TINY
+    dtype = torch.bfloat16 if gpu else torch.float32
+    timer = dataclasses.replace(timer, warmup=args.flux_warmup, iters=1, reps=args.flux_reps)
+    model = build_flux(config, device, dtype)
+    meshes = [(u, world // u) for u in range(world, 0, -1) if world % u == 0] if world > 1 else []
+    built = {m: ParallelMesh.build(ulysses=m[0], ring=m[1], device_type=device.type) for m in meshes}
+    cases: list[tuple[str, Callable[[], Any]]] = []
+
+    def parallel(mesh: ParallelMesh, text: str) -> Callable[[], Any]:
+        return lambda: parallelize_flux(model, mesh, text=text)
+
+    for (u, r), mesh in built.items():
+        cases.append((f"ours text=shard u{u}r{r}", parallel(mesh, "shard")))
+        if r == 1:
+            cases.append((f"ours text=replicate u{u}r{r}", parallel(mesh, "replicate")))
+    text = TEXT_TOKENS[args.flux_config]
+    tol_floor = 1e-5 if dtype == torch.float32 else 0.0
+    refs = {}
+    for size in args.flux_sizes:
+        inputs = flux_inputs(config, size, text, device, dtype)
+        with torch.no_grad():
+            plain, fp32 = _references(model, inputs, Path(args.out) / f"flux_ref_{args.flux_config}_{size}.pt")
+        refs[size] = (inputs, fp32, _err(plain, fp32, device))
+        del plain
+
+    def row(size: int, variant: str, mesh: str, runner: torch.nn.Module, **extra: Any) -> dict:
+        inputs, fp32, ref_err = refs[size]
+
+        def fn() -> Any:
+            return runner(**inputs)
+
+        if gpu:
+            torch.cuda.reset_peak_memory_stats(device)
+        with torch.no_grad():
+            err = _err(fn()[0], fp32, device)  # also the warm-up (and compilation) call
+            ms = timer(fn)
+        return {
+            "workload": "flux", "shape": f"{size}x{size} ({(size // 16) ** 2}+{text} tok)", "world": world,
+            "backend": "auto", "ref_err": ref_err, "graph_ms": None, "variant": variant, "mesh": mesh,
+            "median_ms": ms, "max_err": err, "ok": err <= 2 * ref_err + tol_floor,
+            "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if gpu else None, **extra,
+        }  # fmt: skip
+
+    for size in refs:
+        if world == 1:
+            yield row(size, "single", "1", model, backend="sdpa")
+        for name, apply in cases:
+            apply()
+            try:
+                yield row(size, name.split(" u")[0], name.split(" ")[-1], model)
+            finally:
+                unparallelize_flux(model)
+        if gpu and world > 1 and args.flux_baselines:
+            for kind in ("ulysses", "ring"):
+                peer = _diffusers_cp(config, device, dtype, **{f"{kind}_degree": world})
+                mesh_name = f"u{world}r1" if kind == "ulysses" else f"u1r{world}"
+                yield row(size, f"diffusers cp {kind}", mesh_name, peer, backend="cudnn", baseline=True)
+                del peer
+                torch.cuda.empty_cache()
+    if args.flux_compile:  # regional torch.compile (each block): plain on world 1, ours on the Ulysses mesh
+        model.compile_repeated_blocks(dynamic=False)
+        mesh = built.get((world, 1))
+        if mesh is not None:
+            parallelize_flux(model, mesh)
+        for size in refs:
+            variant, mesh_name = ("single compiled", "1") if mesh is None else ("ours compiled", f"u{world}r1")
+            yield row(size, variant, mesh_name, model, backend="sdpa" if mesh is None else "auto")
