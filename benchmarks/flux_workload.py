@@ -21,6 +21,7 @@ from diffusers import FluxTransformer2DModel
 
 from models import parallelize_flux, unparallelize_flux
 from xdit_core import ParallelMesh
+from xdit_core.graphs import CudaGraphed
 
 FLUX_DEV = dict(
     patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
@@ -122,13 +123,15 @@ def flux_workload(args: Any, timer: Any) -> Iterator[dict]:
     built = {m: ParallelMesh.build(ulysses=m[0], ring=m[1], device_type=device.type) for m in meshes}
     cases: list[tuple[str, Callable[[], Any]]] = []
 
-    def parallel(mesh: ParallelMesh, text: str) -> Callable[[], Any]:
-        return lambda: parallelize_flux(model, mesh, text=text)
+    def parallel(mesh: ParallelMesh, text: str, graph: bool = False) -> Callable[[], Any]:
+        return lambda: parallelize_flux(model, mesh, text=text, cuda_graph=graph)
 
     for (u, r), mesh in built.items():
         cases.append((f"ours text=shard u{u}r{r}", parallel(mesh, "shard")))
         if r == 1:
             cases.append((f"ours text=replicate u{u}r{r}", parallel(mesh, "replicate")))
+        if gpu and (r == 1 or (u, r) == (2, 2)):
+            cases.append((f"ours cuda_graph u{u}r{r}", parallel(mesh, "shard", graph=True)))
     text = TEXT_TOKENS[args.flux_config]
     tol_floor = 1e-5 if dtype == torch.float32 else 0.0
     refs = {}
@@ -160,10 +163,16 @@ def flux_workload(args: Any, timer: Any) -> Iterator[dict]:
     for size in refs:
         if world == 1:
             yield row(size, "single", "1", model, backend="sdpa")
+            if gpu:
+                yield row(size, "single cuda_graph", "1", CudaGraphed(model), backend="sdpa", baseline=True)
         for name, apply in cases:
             apply()
             try:
                 yield row(size, name.split(" u")[0], name.split(" ")[-1], model)
+            except RuntimeError as e:  # a failed graph capture is reported; every rank fails it alike
+                if "cuda_graph" not in name:
+                    raise
+                print(f"  world {world} {name} {size}: FAILED: {e}", flush=True)
             finally:
                 unparallelize_flux(model)
         if gpu and world > 1 and args.flux_baselines:
@@ -181,3 +190,12 @@ def flux_workload(args: Any, timer: Any) -> Iterator[dict]:
         for size in refs:
             variant, mesh_name = ("single compiled", "1") if mesh is None else ("ours compiled", f"u{world}r1")
             yield row(size, variant, mesh_name, model, backend="sdpa" if mesh is None else "auto")
+        if gpu:  # compiled blocks, replayed from a CUDA graph
+            graphed: Any = CudaGraphed(model)
+            if mesh is not None:
+                unparallelize_flux(model)
+                parallelize_flux(model, mesh, cuda_graph=True)
+                graphed = model
+            for size in refs:
+                variant, mesh_name = ("single", "1") if mesh is None else ("ours", f"u{world}r1")
+                yield row(size, f"{variant} compiled+graph", mesh_name, graphed, baseline=mesh is None)

@@ -145,12 +145,12 @@ class ParallelFluxPipeline:
 
 
 def parallelize_flux_pipeline(
-    pipe: FluxPipeline, mesh: ParallelMesh, *, text: str = "shard", backend: str = "auto"
+    pipe: FluxPipeline, mesh: ParallelMesh, *, text: str = "shard", backend: str = "auto", cuda_graph: bool = False
 ) -> ParallelFluxPipeline:
     """Parallelize ``pipe.transformer`` on ``mesh`` (see :func:`~models.flux.parallelize_flux`) and wrap ``pipe``."""
     if not isinstance(pipe, FluxPipeline):
         raise ValueError(f"parallelize_flux_pipeline needs a diffusers FluxPipeline, got {type(pipe).__name__}")
-    parallelize_flux(pipe.transformer, mesh, text=text, backend=backend)
+    parallelize_flux(pipe.transformer, mesh, text=text, backend=backend, cuda_graph=cuda_graph)
     return ParallelFluxPipeline(pipe, mesh)
 
 
