@@ -198,4 +198,5 @@ def flux_workload(args: Any, timer: Any) -> Iterator[dict]:
                 graphed = model
             for size in refs:
                 variant, mesh_name = ("single", "1") if mesh is None else ("ours", f"u{world}r1")
-                yield row(size, f"{variant} compiled+graph", mesh_name, graphed, baseline=mesh is None)
+                backend = "sdpa" if mesh is None else "auto"
+                yield row(size, f"{variant} compiled+graph", mesh_name, graphed, backend=backend, baseline=mesh is None)
