@@ -248,6 +248,8 @@ def _cfg_step(pair: CfgPair, call: dict[str, Any], run: Callable[[dict[str, Any]
             )
         pair.pending = None
         return out
+    if call.get("controlnet_block_samples") is not None or call.get("controlnet_single_block_samples") is not None:
+        raise ValueError("true-CFG pairing does not take ControlNet residuals (they differ between cond and uncond)")
     batch = hidden.shape[0]
     negative = (pair.negative_prompt_embeds, pair.negative_pooled_prompt_embeds)
     if negative[0].shape != call["encoder_hidden_states"].shape:
