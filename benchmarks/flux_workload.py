@@ -20,6 +20,7 @@ import torch.distributed as dist
 from diffusers import FluxTransformer2DModel
 
 from models import parallelize_flux, unparallelize_flux
+from models.flux_pipeline import TINY_FLUX_CONFIG
 from xdit_core import ParallelMesh
 from xdit_core.graphs import CudaGraphed
 
@@ -28,10 +29,7 @@ FLUX_DEV = dict(
     num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
     axes_dims_rope=(16, 56, 56),
 )  # fmt: skip
-FLUX_TINY = dict(
-    FLUX_DEV, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=3,
-    joint_attention_dim=32, pooled_projection_dim=16, in_channels=16, axes_dims_rope=(4, 6, 6),
-)  # fmt: skip
+FLUX_TINY = TINY_FLUX_CONFIG
 TEXT_TOKENS = {"dev": 512, "tiny": 40}
 
 

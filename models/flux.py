@@ -132,12 +132,6 @@ def unparallelize_flux(transformer: FluxTransformer2DModel) -> FluxTransformer2D
     return transformer
 
 
-def parallel_mesh_of(transformer: FluxTransformer2DModel) -> ParallelMesh | None:
-    """The mesh a transformer was parallelized on, or ``None``."""
-    state: _FluxState | None = getattr(transformer, _STATE, None)
-    return None if state is None else state.mesh
-
-
 def pair_cfg_calls(transformer: FluxTransformer2DModel, pair: CfgPair | None) -> None:
     """Start (``pair``) or stop (``None``) computing true-CFG call pairs on the batch axis."""
     state: _FluxState | None = getattr(transformer, _STATE, None)
@@ -191,10 +185,8 @@ def _parallel_call(inner: Callable[..., Any], state: _FluxState, call: dict[str,
         )
     local = dict(call)
     batch_sizes = split_sizes(batch, mesh.batch_size)
-    if mesh.batch_size > 1:
-        for name in ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance"):
-            if _per_sample(local.get(name), batch):
-                local[name] = shard(local[name], mesh.batch_group, dim=0)
+    for name in ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance"):
+        local[name] = _my_samples(local.get(name), mesh, batch)
     local["hidden_states"] = shard(local["hidden_states"], mesh.sp_group, dim=1)
     local["img_ids"] = shard(img_ids, mesh.sp_group, dim=0)
     if state.text == "shard":
@@ -206,7 +198,7 @@ def _parallel_call(inner: Callable[..., Any], state: _FluxState, call: dict[str,
         text_lens = (text_len,) * mesh.sp_size
     for name in ("controlnet_block_samples", "controlnet_single_block_samples"):
         if local.get(name) is not None:  # image-token residuals [B, image tokens, C]
-            local[name] = [_shard_tokens(x, mesh, batch) for x in local[name]]
+            local[name] = [shard(_my_samples(x, mesh, batch), mesh.sp_group, dim=1) for x in local[name]]
     kwargs = dict(local.get("joint_attention_kwargs") or {})
     if "ip_adapter_image_embeds" in kwargs:
         raise ValueError("parallel FLUX: IP-Adapter inputs are not supported")
@@ -220,10 +212,11 @@ def _parallel_call(inner: Callable[..., Any], state: _FluxState, call: dict[str,
     return _with_sample(out, sample)
 
 
-def _shard_tokens(x: Tensor, mesh: ParallelMesh, batch: int) -> Tensor:
+def _my_samples(x: Tensor | None, mesh: ParallelMesh, batch: int) -> Tensor | None:
+    """This rank's samples of a per-sample input (leading dim ``batch``) on the batch axis; others as they are."""
     if mesh.batch_size > 1 and _per_sample(x, batch):
-        x = shard(x, mesh.batch_group, dim=0)
-    return shard(x, mesh.sp_group, dim=1)
+        return shard(x, mesh.batch_group, dim=0)
+    return x
 
 
 def _sample_of(out: Any) -> Tensor:

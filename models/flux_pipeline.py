@@ -101,13 +101,14 @@ class ParallelFluxPipeline:
             prompt_embeds=embeds,
             pooled_prompt_embeds=pooled,
         )
-        if len(received) == 7:  # true CFG: the negative prompt's embeddings came too
+        true_cfg = len(received) == 7  # rank 0 sent the negative prompt's embeddings too
+        if true_cfg:
             call.update(
                 negative_prompt_embeds=received[3],
                 negative_pooled_prompt_embeds=received[4],
                 true_cfg_scale=true_cfg_scale,
             )
-        pair = self.mesh.batch_size > 1 and len(received) == 7
+        pair = self.mesh.batch_size > 1 and true_cfg
         if pair:
             pair_cfg_calls(pipe.transformer, CfgPair(received[3], received[4], received[5]))
         try:
@@ -182,6 +183,27 @@ def _word_tokenizer(special: dict[str, str], max_length: int) -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_length, **special)
 
 
+TINY_FLUX_CONFIG = dict(
+    patch_size=1,
+    in_channels=16,
+    num_layers=2,
+    num_single_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=3,
+    joint_attention_dim=32,
+    pooled_projection_dim=32,
+    guidance_embeds=True,
+    axes_dims_rope=(4, 6, 6),
+)
+
+
+def tiny_flux_transformer(seed: int = 0, **overrides: Any) -> FluxTransformer2DModel:
+    """A ``FluxTransformer2DModel`` of FLUX's architecture at toy size (``TINY_FLUX_CONFIG`` with
+    ``overrides``), random weights: the same ``seed`` gives the same weights in every process."""
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(**{**TINY_FLUX_CONFIG, **overrides}).eval()
+
+
 def tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> FluxPipeline:
     """A ``FluxPipeline`` of FLUX's architecture at toy size with random weights, tokenizers included.
 
@@ -190,22 +212,7 @@ def tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> Flu
     """
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=3,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        guidance_embeds=True,
-        axes_dims_rope=(4, 6, 6),
-    )
-    with torch.no_grad():  # random AdaLN gates: the default init zeroes them, and blocks would do nothing
-        for p in transformer.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    transformer = tiny_flux_transformer(seed)
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -262,7 +269,7 @@ def tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> Flu
         tokenizer_2=tokenizer_2,
         transformer=transformer,
     )
-    for module in (transformer, vae, text_encoder, text_encoder_2):
+    for module in (vae, text_encoder, text_encoder_2):
         module.eval()  # as from_pretrained leaves them (T5's dropout is on in a freshly built model)
     pipe.set_progress_bar_config(disable=True)
     return pipe if dtype == torch.float32 else pipe.to(dtype)

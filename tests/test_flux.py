@@ -14,20 +14,11 @@ from dist_utils import agreed_max, excess, expect_value_errors, run_ranks, worke
 
 from models import parallelize_flux, unparallelize_flux
 from models.flux import CfgPair, pair_cfg_calls
+from models.flux_pipeline import TINY_FLUX_CONFIG, tiny_flux_transformer
 from xdit_core import ParallelMesh
 
-TINY = dict(
-    patch_size=1,
-    in_channels=8,
-    num_layers=2,
-    num_single_layers=2,
-    attention_head_dim=16,
-    num_attention_heads=3,  # divides no ulysses degree above 1 but 3
-    joint_attention_dim=24,
-    pooled_projection_dim=20,
-    guidance_embeds=True,
-    axes_dims_rope=(4, 6, 6),
-)
+# odd channel counts, and 3 heads: they divide no ulysses degree above 1 but 3
+TINY = dict(TINY_FLUX_CONFIG, in_channels=8, joint_attention_dim=24, pooled_projection_dim=20)
 
 # world size -> meshes (ulysses, ring, batch)
 MESHES = {
@@ -38,12 +29,7 @@ MESHES = {
 
 
 def tiny_transformer(seed: int = 0) -> FluxTransformer2DModel:
-    torch.manual_seed(seed)
-    model = FluxTransformer2DModel(**TINY).eval()
-    with torch.no_grad():  # make the random blocks do something: default init leaves AdaLN gates at zero
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
+    return tiny_flux_transformer(seed, **TINY)
 
 
 def flux_inputs(batch: int, height: int, width: int, text: int, seed: int) -> dict[str, torch.Tensor]:
