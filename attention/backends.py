@@ -190,7 +190,9 @@ def _torch_flash_reject(call: AttentionCall) -> str | None:
 
 
 def _efficient_reject(call: AttentionCall) -> str | None:
-    return _gpu_half(call, min_cc=(5, 0), max_dim=256, dtypes=(*_HALF, torch.float32))
+    # Its forward kernel takes head dims past 256 (the VAE's one head of 512); backward is held to 256.
+    max_dim = 256 if call.needs_grad else 512
+    return _gpu_half(call, min_cc=(5, 0), max_dim=max_dim, dtypes=(*_HALF, torch.float32))
 
 
 # ------------------------------------------------------------------- flash-attn packages (forward)

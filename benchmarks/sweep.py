@@ -44,9 +44,17 @@ def flux_workload(args: argparse.Namespace, timer: Timer) -> Iterator[dict]:
     return workload(args, timer)
 
 
+def vae_workload(args: argparse.Namespace, timer: Timer) -> Iterator[dict]:
+    """The VAE decode (``vae_workload.py``; imported here: it needs diffusers)."""
+    from vae_workload import vae_workload as workload
+
+    return workload(args, timer)
+
+
 WORKLOADS: dict[str, Callable[[argparse.Namespace, Timer], Iterator[dict]]] = {
     "attention": attention_workload,
     "flux": flux_workload,
+    "vae": vae_workload,
 }
 
 
@@ -246,6 +254,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=True,
         help="flux, GPUs: also time diffusers' own context parallelism (ulysses and ring)",
     )
+    p.add_argument(
+        "--vae-sizes", default=None, help="vae: image sizes in pixels (default CPU 64,96; GPU 2048,4096,8192)"
+    )
+    p.add_argument("--vae-config", default=None, help="vae: flux (FLUX's VAE) or tiny (default CPU tiny; GPU flux)")
+    p.add_argument("--vae-tile-rows", type=int, default=None, help="vae: slab rows of the tiled rows (CPU 8; GPU 256)")
+    p.add_argument("--vae-reps", type=int, default=None, help="vae: timed decodes (default CPU 2; GPU 3)")
+    p.add_argument("--vae-warmup", type=int, default=0, help="vae: untimed decodes after the checked one")
+    p.add_argument(
+        "--vae-single-max", type=int, default=None, help="vae: largest size the plain decode runs at (GPU 4096)"
+    )
+    p.add_argument(
+        "--vae-ref-max", type=int, default=None, help="vae: largest size with a float32 reference (GPU 4096)"
+    )
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--reps", type=int, default=None)
@@ -273,12 +294,19 @@ def _apply_defaults(args: argparse.Namespace, gpu: bool) -> None:
         "flux_sizes": "1024,2048" if gpu else "112,128",
         "flux_config": "dev" if gpu else "tiny",
         "flux_reps": 5 if gpu else 3,
+        "vae_sizes": "2048,4096,8192" if gpu else "64,96",
+        "vae_config": "flux" if gpu else "tiny",
+        "vae_tile_rows": 256 if gpu else 8,
+        "vae_reps": 3 if gpu else 2,
+        "vae_single_max": 4096 if gpu else 10**6,
+        "vae_ref_max": 4096 if gpu else 10**6,
     }
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.seq = [int(s) for s in str(args.seq).split(",")]
     args.flux_sizes = [int(s) for s in str(args.flux_sizes).split(",")]
+    args.vae_sizes = [int(s) for s in str(args.vae_sizes).split(",")]
     args.dtype_t = getattr(torch, args.dtype)
 
 

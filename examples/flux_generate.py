@@ -38,6 +38,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-sequence-length", type=int, default=None, help="T5 tokens (default 512; tiny: 64)")
     p.add_argument("--text", choices=("shard", "replicate"), default="shard", help="text tokens sharded or replicated")
     p.add_argument("--cuda-graph", action="store_true", help="replay each step from a CUDA graph (GPUs)")
+    p.add_argument(
+        "--vae-tile-rows", type=int, default=None, help="decode in slabs of this many rows (less memory; exact)"
+    )
+    p.add_argument("--plain-vae", action="store_true", help="decode on every rank alone (no parallel VAE)")
     p.add_argument("--out", default="flux.png")
     return p.parse_args()
 
@@ -55,7 +59,14 @@ def main() -> None:
         pipe = FluxPipeline.from_pretrained(args.model_path, torch_dtype=dtype)
     pipe = pipe.to(ctx.device)
     pipe.set_progress_bar_config(disable=ctx.rank != 0)
-    parallel = parallelize_flux_pipeline(pipe, mesh, text=args.text, cuda_graph=args.cuda_graph)
+    parallel = parallelize_flux_pipeline(
+        pipe,
+        mesh,
+        text=args.text,
+        cuda_graph=args.cuda_graph,
+        vae=not args.plain_vae,
+        vae_tile_rows=args.vae_tile_rows,
+    )
     size = 64 if tiny else 1024
     call = dict(
         height=args.height or size,

@@ -6,7 +6,8 @@ call it makes the parallel parts agree: world rank 0 encodes the prompts (the ot
 have no text encoders) and every rank receives the embeddings; rank 0 draws the initial latents
 from the caller's generator and every rank starts from them; with true CFG on a mesh with a
 ``batch`` axis, the cond and uncond passes of each step run as one batch split over that axis.
-Every rank gets the images (saving them is the caller's choice, usually on rank 0).
+The VAE decodes across every rank (row bands, ``parallel_vae``). Every rank gets the images
+(saving them is the caller's choice, usually on rank 0).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.distributed as dist
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
 from models.flux import CfgPair, pair_cfg_calls, parallelize_flux, unparallelize_flux
+from parallel_vae import is_parallel_vae, parallelize_vae, unparallelize_vae
 from xdit_core.collectives import broadcast_tensors
 from xdit_core.mesh import ParallelMesh
 
@@ -146,18 +148,38 @@ class ParallelFluxPipeline:
 
 
 def parallelize_flux_pipeline(
-    pipe: FluxPipeline, mesh: ParallelMesh, *, text: str = "shard", backend: str = "auto", cuda_graph: bool = False
+    pipe: FluxPipeline,
+    mesh: ParallelMesh,
+    *,
+    text: str = "shard",
+    backend: str = "auto",
+    cuda_graph: bool = False,
+    vae: bool = True,
+    vae_tile_rows: int | None = None,
 ) -> ParallelFluxPipeline:
-    """Parallelize ``pipe.transformer`` on ``mesh`` (see :func:`~models.flux.parallelize_flux`) and wrap ``pipe``."""
+    """Parallelize ``pipe.transformer`` on ``mesh`` (see :func:`~models.flux.parallelize_flux`) and wrap ``pipe``.
+
+    ``vae``: also decode across every rank of the mesh (:func:`~parallel_vae.parallelize_vae`,
+    row bands, exact; ``vae_tile_rows`` caps its slabs); ``False`` leaves the VAE as it is.
+    """
     if not isinstance(pipe, FluxPipeline):
         raise ValueError(f"parallelize_flux_pipeline needs a diffusers FluxPipeline, got {type(pipe).__name__}")
-    parallelize_flux(pipe.transformer, mesh, text=text, backend=backend, cuda_graph=cuda_graph)
+    if vae:
+        parallelize_vae(pipe.vae, mesh, tile_rows=vae_tile_rows)
+    try:
+        parallelize_flux(pipe.transformer, mesh, text=text, backend=backend, cuda_graph=cuda_graph)
+    except Exception:
+        if vae:
+            unparallelize_vae(pipe.vae)
+        raise
     return ParallelFluxPipeline(pipe, mesh)
 
 
 def unparallelize_flux_pipeline(parallel: ParallelFluxPipeline) -> FluxPipeline:
-    """The plain pipeline back, its transformer restored."""
+    """The plain pipeline back, its transformer (and VAE, if it was parallelized) restored."""
     unparallelize_flux(parallel.pipe.transformer)
+    if is_parallel_vae(parallel.pipe.vae):
+        unparallelize_vae(parallel.pipe.vae)
     return parallel.pipe
 
 

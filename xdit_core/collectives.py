@@ -281,18 +281,39 @@ def all_gather(x: torch.Tensor, group: dist.ProcessGroup, *, dim: int, sizes: li
     """
     world = group.size()
     dim = dim % x.dim()
-    longest = x.shape[dim] if sizes is None else max(sizes)
-    if x.shape[dim] < longest:
-        pad = list(x.shape)
-        pad[dim] = longest - x.shape[dim]
-        x = torch.cat((x, x.new_zeros(pad)), dim)
-    x = x.movedim(dim, 0).contiguous()
+    x = _padded_leading(x, dim, x.shape[dim] if sizes is None else max(sizes))
     out = x.new_empty((world * x.shape[0], *x.shape[1:]))
     _all_gather_single(out, x, group=group)
     out = out.unflatten(0, (world, -1))  # [P, longest, ...]
     if sizes is not None and len(set(sizes)) > 1:
         return torch.cat([out[p, :n] for p, n in enumerate(sizes)]).movedim(0, dim)
     return out.flatten(0, 1).movedim(0, dim)
+
+
+def gather_to(
+    x: torch.Tensor, group: dist.ProcessGroup, *, dim: int, sizes: list[int], dst: int
+) -> torch.Tensor | None:
+    """On group rank ``dst``: every rank's ``x`` concatenated along ``dim`` (``sizes[p]`` entries from
+    rank ``p``, uneven chunks padded for transport and cut back); ``None`` on the other ranks. One
+    collective; not differentiable."""
+    if group.size() == 1:
+        return x
+    dim = dim % x.dim()
+    x = _padded_leading(x, dim, max(sizes))
+    chunks = [torch.empty_like(x) for _ in sizes] if group.rank() == dst else None
+    dist.gather(x, chunks, group=group, group_dst=dst)
+    if chunks is None:
+        return None
+    return torch.cat([c[:n] for c, n in zip(chunks, sizes, strict=True)]).movedim(0, dim)
+
+
+def _padded_leading(x: torch.Tensor, dim: int, length: int) -> torch.Tensor:
+    """``x`` with ``dim`` moved first and zero-padded to ``length`` entries, contiguous (for transport)."""
+    if x.shape[dim] < length:
+        pad = list(x.shape)
+        pad[dim] = length - x.shape[dim]
+        x = torch.cat((x, x.new_zeros(pad)), dim)
+    return x.movedim(dim, 0).contiguous()
 
 
 class _Shard(torch.autograd.Function):

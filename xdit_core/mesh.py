@@ -52,10 +52,12 @@ class ParallelMesh:
     """A ``batch × ring × ulysses`` mesh over an initialised ``torch.distributed`` world.
 
     Build it with :meth:`build`; every communicating function takes it (or one of its groups)
-    explicitly. ``sp_group`` spans ``ring × ulysses`` (the ranks that share one sequence).
+    explicitly. ``sp_group`` spans ``ring × ulysses`` (the ranks that share one sequence);
+    ``world_group`` spans every rank of the mesh (what the VAE decoder splits its rows over).
     """
 
     device_mesh: DeviceMesh
+    world_group: dist.ProcessGroup
     ulysses_group: dist.ProcessGroup
     ring_group: dist.ProcessGroup
     batch_group: dist.ProcessGroup
@@ -113,6 +115,7 @@ class ParallelMesh:
         sp_group, _ = dist.new_subgroups_by_enumeration([list(range(b * sp, (b + 1) * sp)) for b in range(batch)])
         return cls(
             device_mesh=device_mesh,
+            world_group=dist.group.WORLD,  # the mesh spans the whole world (checked above)
             ulysses_group=device_mesh.get_group("ulysses"),
             ring_group=device_mesh.get_group("ring"),
             batch_group=device_mesh.get_group("batch"),
