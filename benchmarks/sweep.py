@@ -260,6 +260,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vae-config", default=None, help="vae: flux (FLUX's VAE) or tiny (default CPU tiny; GPU flux)")
     p.add_argument("--vae-tile-rows", type=int, default=None, help="vae: slab rows of the tiled rows (CPU 8; GPU 256)")
     p.add_argument("--vae-reps", type=int, default=None, help="vae: timed decodes (default CPU 2; GPU 3)")
+    p.add_argument(
+        "--vae-whole-bands",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="vae: on several ranks also time whole bands (no slabs); --no-vae-whole-bands: slabs only",
+    )
     p.add_argument("--vae-warmup", type=int, default=0, help="vae: untimed decodes after the checked one")
     p.add_argument(
         "--vae-single-max", type=int, default=None, help="vae: largest size the plain decode runs at (GPU 4096)"

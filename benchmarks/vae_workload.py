@@ -123,7 +123,7 @@ def vae_workload(args: Any, timer: Any) -> Iterator[dict]:
             ref = _reference(vae, z, cache, world)
         if world == 1 and size <= args.vae_single_max:
             yield row(size, "single", z, ref)
-        variants = [("ours", None)] if world > 1 else []
+        variants = [("ours", None)] if world > 1 and args.vae_whole_bands else []
         variants += [(f"ours tile={tile}", tile)] if tile else []
         for name, rows in variants:
             parallelize_vae(vae, group, tile_rows=rows)
