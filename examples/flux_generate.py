@@ -91,6 +91,7 @@ def main() -> None:
         image.save(args.out)
         steps = call["num_inference_steps"]
         print(f"done in {seconds:.2f} s ({seconds / steps * 1e3:.0f} ms per step incl. text and VAE); saved {args.out}")
+    dist.barrier()  # no rank tears the group down while another still uses it
     dist.destroy_process_group()
 
 
