@@ -1,0 +1,194 @@
+"""STDiT3 in parallel: ``parallelize_stdit`` shards every frame's tokens across the sequence-parallel ranks.
+
+Resident layout: after the position embedding, each rank keeps the tokens of its chunk of the ``S``
+spatial positions, in every frame (``tensor_split`` of ``S``, chunk ``mesh.sp_rank``); on a ``batch``
+axis it also keeps only its samples (the CFG pair splits there). Then
+
+* temporal attention (over the frames at one position), cross-attention (per token, against its own
+  sample's text) and everything else are local: no communication;
+* spatial attention (over the positions of one frame) is the only step that needs other ranks:
+  ``spatial="usp"`` runs it as USP attention over the mesh (Ulysses all-to-all of q/k/v and the
+  output, ring over the ring axis); ``spatial="dsp"`` switches the sharded axis from positions to
+  frames with one all-to-all of the hidden states, attends whole frames locally, and switches back
+  (half the bytes of Ulysses, no head-count constraint; needs at least one frame per rank).
+  ``"auto"`` (default) takes DSP when every rank gets a frame, else USP.
+
+The final layer runs on the local tokens; the patches are gathered, then unpatchified, so every rank
+returns the full output. Only this instance changes (processors and an instance-level ``forward``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from attention.usp import usp_attention
+from models.stdit.attention import (
+    Rope,
+    SelfAttention,
+    from_attention_layout,
+    sdpa,
+    to_attention_layout,
+)
+from models.stdit.model import STDiT3
+from xdit_core.collectives import all_to_all, gather, shard, split_sizes
+from xdit_core.mesh import ParallelMesh
+
+Tensor = torch.Tensor
+SPATIAL_MODES = ("auto", "usp", "dsp")
+_STATE = "_xdit_stdit_parallel"
+
+
+@dataclass(frozen=True)
+class SpatialLayout:
+    """Every sequence-parallel rank's spatial positions and frames, in ``sp_rank`` order."""
+
+    positions: tuple[int, ...]
+    frames: tuple[int, ...]
+
+
+class UspSpatialAttention:
+    """Spatial attention over the positions of each frame, sharded by position: USP over the mesh."""
+
+    def __init__(self, mesh: ParallelMesh, backend: str) -> None:
+        self.mesh, self.backend = mesh, backend
+
+    def __call__(
+        self, attn: SelfAttention, x: Tensor, *, frames: int, rope: Rope | None, sp_layout: SpatialLayout, **_: Any
+    ) -> Tensor:
+        seq = to_attention_layout(x, frames, "spatial")  # [(B T), S_local, C]
+        q, k, v = attn.project_qkv(seq, rope)
+        out = usp_attention(q, k, v, self.mesh, seq_len=list(sp_layout.positions), backend=self.backend)
+        return attn.proj(from_attention_layout(out.flatten(2), x.shape[0], "spatial"))
+
+
+class DspSpatialAttention:
+    """Spatial attention with the sharded axis switched from positions to frames around it (DSP)."""
+
+    def __init__(self, mesh: ParallelMesh) -> None:
+        self.mesh = mesh
+
+    def __call__(
+        self, attn: SelfAttention, x: Tensor, *, frames: int, rope: Rope | None, sp_layout: SpatialLayout, **_: Any
+    ) -> Tensor:
+        group, layout = self.mesh.sp_group, sp_layout
+        grid = x.unflatten(1, (frames, -1))  # [B, T, S_local, C]
+        frames_sizes, position_sizes = list(layout.frames), list(layout.positions)
+        (whole,) = all_to_all(
+            [grid], group, scatter_dim=1, gather_dim=2, scatter_sizes=frames_sizes, gather_sizes=position_sizes
+        )  # [B, T_local, S, C]: whole frames
+        seq = whole.flatten(0, 1)
+        out = attn.proj(sdpa(*attn.project_qkv(seq, rope)).flatten(2)).unflatten(0, whole.shape[:2])
+        (back,) = all_to_all(
+            [out], group, scatter_dim=2, gather_dim=1, scatter_sizes=position_sizes, gather_sizes=frames_sizes
+        )
+        return back.flatten(1, 2)
+
+
+@dataclass
+class _StditState:
+    mesh: ParallelMesh
+    spatial: str
+    processors: dict[int, Any]
+    previous_forward: Callable[..., Any] | None
+
+
+def parallelize_stdit(model: STDiT3, mesh: ParallelMesh, *, spatial: str = "auto", backend: str = "auto") -> STDiT3:
+    """Make ``model`` compute in parallel on ``mesh``; returns the same instance.
+
+    Call it as before on every rank with the same full inputs; every rank gets the full output.
+    ``spatial``: ``"auto"`` (DSP when the latents have at least one frame per sequence-parallel rank,
+    else USP), ``"usp"`` or ``"dsp"``. ``backend``: the kernel of the USP attention.
+    """
+    if not isinstance(model, STDiT3):
+        raise ValueError(f"parallelize_stdit needs an STDiT3, got {type(model).__name__}")
+    if getattr(model, _STATE, None) is not None:
+        raise ValueError("parallelize_stdit: this model is already parallel (unparallelize_stdit it first)")
+    if not isinstance(mesh, ParallelMesh):
+        raise ValueError(f"parallelize_stdit needs a ParallelMesh, got {type(mesh).__name__}")
+    if spatial not in SPATIAL_MODES:
+        raise ValueError(f"parallelize_stdit: spatial must be one of {SPATIAL_MODES}, got {spatial!r}")
+    spatial_attn = [block.attn for block in model.spatial_blocks]
+    foreign = sorted({type(a.processor).__name__ for a in spatial_attn} - {"LocalSelfAttention"})
+    if foreign:
+        raise ValueError(f"parallelize_stdit: the spatial attention has custom processors {foreign}")
+    state = _StditState(mesh, spatial, {id(a): a.processor for a in spatial_attn}, model.__dict__.get("forward"))
+    usp, dsp = UspSpatialAttention(mesh, backend), DspSpatialAttention(mesh)
+    signature = inspect.signature(model.forward)
+
+    def forward(*args: Any, **kwargs: Any) -> Tensor:
+        call = signature.bind(*args, **kwargs)
+        return _parallel_forward(model, state, usp, dsp, dict(call.arguments))
+
+    model.forward = forward
+    setattr(model, _STATE, state)
+    return model
+
+
+def unparallelize_stdit(model: STDiT3) -> STDiT3:
+    """Undo :func:`parallelize_stdit`: the original processors and ``forward``; returns the same instance."""
+    state: _StditState | None = getattr(model, _STATE, None)
+    if state is None:
+        raise ValueError("unparallelize_stdit: this model is not parallel")
+    for block in model.spatial_blocks:
+        block.attn.processor = state.processors[id(block.attn)]
+    if state.previous_forward is None:
+        del model.forward
+    else:
+        model.forward = state.previous_forward
+    delattr(model, _STATE)
+    return model
+
+
+def _spatial_mode(state: _StditState, frames: int) -> str:
+    sp = state.mesh.sp_size
+    if sp == 1:
+        return "local"  # a batch-only mesh: every rank holds whole frames
+    if state.spatial == "auto":
+        return "dsp" if frames >= sp else "usp"
+    if state.spatial == "dsp" and frames < sp:
+        raise ValueError(
+            f"parallel STDiT3: spatial='dsp' needs at least one latent frame per sequence-parallel rank "
+            f"({frames} frames, {sp} ranks): use spatial='usp' (or 'auto')"
+        )
+    return state.spatial
+
+
+def _parallel_forward(model: STDiT3, state: _StditState, usp: Any, dsp: Any, call: dict[str, Any]) -> Tensor:
+    mesh = state.mesh
+    x = call["x"]
+    model.check_inputs(x, call["timestep"], call["y"], call.get("mask"), call.get("x_mask"))
+    batch = x.shape[0]
+    grid = model.grid(x)
+    frames, positions = grid.tokens[0], grid.positions
+    if positions < mesh.sp_size:
+        raise ValueError(
+            f"parallel STDiT3: {positions} spatial positions per frame cannot be shared by {mesh.sp_size} "
+            f"sequence-parallel ranks (mesh {mesh.describe()}): use at most {positions} or larger latents"
+        )
+    if batch < mesh.batch_size:
+        raise ValueError(
+            f"parallel STDiT3: a batch of {batch} cannot be split over the batch axis of {mesh.batch_size} "
+            "(the CFG pair, or more prompts, fill it)"
+        )
+    mode = _spatial_mode(state, frames)
+    for block in model.spatial_blocks:
+        block.attn.processor = {"dsp": dsp, "usp": usp}.get(mode) or state.processors[id(block.attn)]
+    if mesh.batch_size > 1:  # this rank's samples of every per-sample input
+        for name in ("x", "timestep", "y", "mask", "x_mask", "fps", "height", "width"):
+            value = call.get(name)
+            if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == batch:
+                call[name] = shard(value, mesh.batch_group, dim=0)
+    tokens, cond, _ = model.prepare(**call)
+    layout = SpatialLayout(tuple(split_sizes(positions, mesh.sp_size)), tuple(split_sizes(frames, mesh.sp_size)))
+    local = shard(tokens, mesh.sp_group, dim=2).flatten(1, 2)  # [B_local, T·S_local, C]
+    out = model.run_blocks(local, cond, {"sp_layout": layout})
+    patches = model.final(out, cond).unflatten(1, (frames, -1))  # [B_local, T, S_local, P]
+    patches = gather(patches, mesh.sp_group, dim=2, sizes=list(layout.positions))
+    if mesh.batch_size > 1:
+        patches = gather(patches, mesh.batch_group, dim=0, sizes=split_sizes(batch, mesh.batch_size))
+    return model.unpatchify(patches.flatten(1, 2), grid)
