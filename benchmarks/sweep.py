@@ -51,10 +51,18 @@ def vae_workload(args: argparse.Namespace, timer: Timer) -> Iterator[dict]:
     return workload(args, timer)
 
 
+def stdit_workload(args: argparse.Namespace, timer: Timer) -> Iterator[dict]:
+    """The STDiT3 step (``stdit_workload.py``)."""
+    from stdit_workload import stdit_workload as workload
+
+    return workload(args, timer)
+
+
 WORKLOADS: dict[str, Callable[[argparse.Namespace, Timer], Iterator[dict]]] = {
     "attention": attention_workload,
     "flux": flux_workload,
     "vae": vae_workload,
+    "stdit": stdit_workload,
 }
 
 
@@ -273,6 +281,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--vae-ref-max", type=int, default=None, help="vae: largest size with a float32 reference (GPU 4096)"
     )
+    p.add_argument("--stdit-config", default=None, help="stdit: xl (STDiT3-XL/2) or tiny (default CPU tiny; GPU xl)")
+    p.add_argument(
+        "--stdit-latent", default=None, help="stdit: latent T,H,W (default CPU 4,9,7; GPU 30,90,160 = 720p 4 s)"
+    )
+    p.add_argument("--stdit-reps", type=int, default=None, help="stdit: timed forwards (default CPU 2; GPU 3)")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--reps", type=int, default=None)
@@ -306,6 +319,9 @@ def _apply_defaults(args: argparse.Namespace, gpu: bool) -> None:
         "vae_reps": 3 if gpu else 2,
         "vae_single_max": 4096 if gpu else 10**6,
         "vae_ref_max": 4096 if gpu else 10**6,
+        "stdit_config": "xl" if gpu else "tiny",
+        "stdit_latent": "30,90,160" if gpu else "4,9,7",
+        "stdit_reps": 3 if gpu else 2,
     }
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -313,6 +329,7 @@ def _apply_defaults(args: argparse.Namespace, gpu: bool) -> None:
     args.seq = [int(s) for s in str(args.seq).split(",")]
     args.flux_sizes = [int(s) for s in str(args.flux_sizes).split(",")]
     args.vae_sizes = [int(s) for s in str(args.vae_sizes).split(",")]
+    args.stdit_latent = [int(s) for s in str(args.stdit_latent).split(",")]
     args.dtype_t = getattr(torch, args.dtype)
 
 
