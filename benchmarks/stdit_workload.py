@@ -2,7 +2,7 @@
 
 Rows: on world 1 the plain model; on larger worlds ``parallelize_stdit`` with the spatial attention
 as USP and as DSP on the all-ranks sequence-parallel mesh, and the CFG pair on the ``batch`` axis
-(``b2`` × sequence parallel over the rest, spatial ``auto``). Input: batch 2 (the CFG pair), latents
+(``b2`` × sequence parallel over the rest, spatial USP). Input: batch 2 (the CFG pair), latents
 ``--stdit-latent`` (default 720p 4 s: 30×90×160, 108 000 tokens per sample), 300 text tokens of
 which 120 valid. Every output is checked against a float32 forward of the same (bf16-valued)
 weights on one device, by the flash-attention rule (error at most twice the plain bf16 model's).
@@ -122,7 +122,7 @@ def stdit_workload(args: Any, timer: Any) -> Iterator[dict]:
     spatial_modes = ("usp", "dsp") if latent[0] >= world else ("usp",)  # DSP needs a frame per rank
     cases = [(f"u{world}", ParallelMesh.build(ulysses=world, device_type=device_type), s) for s in spatial_modes]
     pair = ParallelMesh.build(ulysses=world // 2, batch=2, device_type=device_type)
-    cases.append((f"b2×u{world // 2}", pair, "auto"))
+    cases.append((f"b2×u{world // 2}", pair, "usp"))
     for name, mesh, spatial in cases:
         parallelize_stdit(model, mesh, spatial=spatial)
         try:
