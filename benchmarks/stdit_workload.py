@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from checks import agreed_max, world_one_reference
 
 from models.stdit import STDiT3, STDiT3Config, parallelize_stdit, unparallelize_stdit
 from xdit_core import ParallelMesh
@@ -58,30 +59,20 @@ def stdit_inputs(config: STDiT3Config, latent: tuple[int, int, int], device: tor
 
 def _reference(model: STDiT3, inputs: dict, cache: Path, world: int) -> tuple[torch.Tensor, float] | None:
     """(float32 output, error of the plain bf16 output): computed on world 1, cached in ``cache``."""
-    if world == 1 and not cache.exists():
+
+    def compute() -> dict:
         with torch.no_grad():
             plain = model(**inputs)
             dtype = next(model.parameters()).dtype
             model.float()
             try:
-                up = {k: v.float() if v.is_floating_point() else v for k, v in inputs.items()}
-                fp32 = model(**up)
+                fp32 = model(**{k: v.float() if v.is_floating_point() else v for k, v in inputs.items()})
             finally:
                 model.to(dtype)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"fp32": fp32.cpu(), "ref_err": (plain - fp32).abs().max().item()}, cache)
-        del plain, fp32
-    dist.barrier()
-    if not cache.exists():
-        return None
-    saved = torch.load(cache)
-    return saved["fp32"].to(inputs["x"].device), saved["ref_err"]
+        return {"fp32": fp32, "ref_err": (plain - fp32).abs().max().item()}
 
-
-def _agreed_max(value: float, device: torch.device) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=device if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
+    saved = world_one_reference(cache, world, compute)
+    return None if saved is None else (saved["fp32"].to(inputs["x"].device), saved["ref_err"])
 
 
 def stdit_workload(args: Any, timer: Any) -> Iterator[dict]:
@@ -105,14 +96,14 @@ def stdit_workload(args: Any, timer: Any) -> Iterator[dict]:
         if gpu:
             torch.cuda.reset_peak_memory_stats(device)
         with torch.no_grad():
-            err = _agreed_max((model(**inputs) - fp32).abs().max().item(), device)
+            err = agreed_max((model(**inputs) - fp32).abs().max().item(), device)
             ms = timer(lambda: model(**inputs))
         floor = 1e-5 if dtype == torch.float32 else 0.0
         return {
             "workload": "stdit", "shape": f"2x{'x'.join(map(str, latent))} ({tokens} tok)", "world": world,
             "backend": "auto", "variant": variant, "mesh": mesh, "median_ms": ms, "graph_ms": None,
             "max_err": err, "ref_err": ref_err, "ok": err <= 2 * ref_err + floor,
-            "peak_gib": _agreed_max(torch.cuda.max_memory_allocated(device) / 2**30, device) if gpu else None,
+            "peak_gib": agreed_max(torch.cuda.max_memory_allocated(device) / 2**30, device) if gpu else None,
         }  # fmt: skip
 
     if world == 1:

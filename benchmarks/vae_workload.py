@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from checks import agreed_max, world_one_reference
 from diffusers import AutoencoderKL
 
 from parallel_vae import parallelize_vae, unparallelize_vae
@@ -53,7 +54,8 @@ def vae_latents(config: dict, size: int, device: torch.device, dtype: torch.dtyp
 
 def _reference(vae: AutoencoderKL, z: torch.Tensor, cache: Path, world: int) -> tuple[torch.Tensor, float] | None:
     """(float32 decode, error of the plain bf16 decode) for ``z``: computed on world 1, cached in ``cache``."""
-    if world == 1 and not cache.exists():
+
+    def compute() -> dict:
         with torch.no_grad():
             plain = vae.decode(z).sample
             dtype = plain.dtype
@@ -63,22 +65,12 @@ def _reference(vae: AutoencoderKL, z: torch.Tensor, cache: Path, world: int) -> 
                     fp32 = vae.decode(z.float()).sample
             finally:
                 vae.to(dtype)
-        ref_err = (plain.double() - fp32.double()).abs().max().item()
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"fp32": fp32.cpu(), "ref_err": ref_err}, cache)
-        del plain, fp32
-        torch.cuda.empty_cache() if z.is_cuda else None
-    dist.barrier()
-    if not cache.exists():
-        return None
-    saved = torch.load(cache)
-    return saved["fp32"].to(z.device), saved["ref_err"]
+        return {"fp32": fp32, "ref_err": (plain.double() - fp32.double()).abs().max().item()}
 
-
-def _agreed_max(value: float, device: torch.device) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=device if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
+    saved = world_one_reference(cache, world, compute)
+    if z.is_cuda:
+        torch.cuda.empty_cache()
+    return None if saved is None else (saved["fp32"].to(z.device), saved["ref_err"])
 
 
 def vae_workload(args: Any, timer: Any) -> Iterator[dict]:
@@ -107,12 +99,12 @@ def vae_workload(args: Any, timer: Any) -> Iterator[dict]:
             del out
             ms = timer(lambda: vae.decode(z))
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if gpu else math.nan
-        err, ok = _agreed_max(err, device), _agreed_max(0.0 if ok else 1.0, device) == 0.0
+        err, ok = agreed_max(err, device), agreed_max(0.0 if ok else 1.0, device) == 0.0
         return {
             "workload": "vae", "shape": f"{size}x{size} (latent {z.shape[-1]}²)", "world": world,
             "backend": "auto", "variant": variant, "mesh": f"rows{world}", "median_ms": ms, "graph_ms": None,
             "max_err": err, "ref_err": ref_err, "ok": ok, "checked": ref is not None,
-            "peak_gib": _agreed_max(peak, device) if gpu else None,
+            "peak_gib": agreed_max(peak, device) if gpu else None,
         }  # fmt: skip
 
     for size in args.vae_sizes:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from checks import agreed_max
 
 from attention import (
     BACKEND_NAMES,
@@ -68,7 +69,7 @@ def attention_workload(args: Any, timer: Any) -> Iterator[dict]:
         q_local, k_local, v_local = (x[:, rows].contiguous() for x in (q, k, v))
         ref = _reference(q_local, k, v)
         single = attention_with_lse(q_local, k, v, backend=args.backend)[0]
-        ref_err = _agreed_max((single.double() - ref.double()).abs().max().item(), device)
+        ref_err = agreed_max((single.double() - ref.double()).abs().max().item(), device)
         backend = available_backends(AttentionCall(device, args.dtype_t, args.head_dim, False))[0]
         if args.backend != "auto":
             backend = args.backend
@@ -80,7 +81,7 @@ def attention_workload(args: Any, timer: Any) -> Iterator[dict]:
             kernels = available_backends(AttentionCall(device, args.dtype_t, args.head_dim, False))
             for name in kernels if args.backend == "auto" else []:  # each kernel on its own, for reference
                 out = attention_with_lse(q_local, k, v, backend=name)[0]
-                err = _agreed_max((out.double() - ref.double()).abs().max().item(), device)
+                err = agreed_max((out.double() - ref.double()).abs().max().item(), device)
                 fn = partial(attention_with_lse, q, k, v, backend=name)
                 times = {"median_ms": timer(fn), "graph_ms": timer.graph(fn)}
                 row = {**common, "backend": name, "variant": f"single {name}", "mesh": "1", **times}
@@ -89,7 +90,7 @@ def attention_workload(args: Any, timer: Any) -> Iterator[dict]:
         for (u, r), mesh in built.items():
             for variant, fn in _variants(mesh, args, seq):
                 out = fn(q_local, k_local, v_local)
-                err = _agreed_max((out.double() - ref.double()).abs().max().item(), device)
+                err = agreed_max((out.double() - ref.double()).abs().max().item(), device)
                 tol = max(2 * ref_err, 1e-5 if args.dtype_t == torch.float32 else 0.0)
                 call = partial(fn, q_local, k_local, v_local)
                 times = {"median_ms": timer(call), "graph_ms": timer.graph(call)}
@@ -97,9 +98,3 @@ def attention_workload(args: Any, timer: Any) -> Iterator[dict]:
                 kernel = {"backend": words[1]} if len(words) == 2 and words[1] in BACKEND_NAMES else {}
                 row = {**common, **kernel, "variant": variant, "mesh": f"u{u}r{r}", **times}
                 yield {**row, "max_err": err, "ok": err <= tol}
-
-
-def _agreed_max(value: float, device: torch.device) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=device if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()

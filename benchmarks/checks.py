@@ -1,0 +1,29 @@
+"""Helpers the model workloads share: agreeing on a value across ranks, a reference computed once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def agreed_max(value: float, device: torch.device) -> float:
+    """The maximum of ``value`` over all ranks (so every rank reports, and branches on, the same)."""
+    t = torch.tensor([value], dtype=torch.float64, device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def world_one_reference(cache: Path, world: int, compute: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
+    """``compute()`` on world 1 when ``cache`` does not exist yet, saved there (tensors on the CPU);
+    every world then loads it. ``None`` where no world-1 run has made it."""
+    if world == 1 and not cache.exists():
+        result = compute()
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({k: v.cpu() if torch.is_tensor(v) else v for k, v in result.items()}, cache)
+        del result
+    dist.barrier()
+    return torch.load(cache) if cache.exists() else None
