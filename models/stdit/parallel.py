@@ -118,12 +118,15 @@ def parallelize_stdit(model: STDiT3, mesh: ParallelMesh, *, spatial: str = "usp"
     if foreign:
         raise ValueError(f"parallelize_stdit: the spatial attention has custom processors {foreign}")
     state = _StditState(mesh, spatial, {id(a): a.processor for a in spatial_attn}, model.__dict__.get("forward"))
-    usp, dsp = UspSpatialAttention(mesh, backend), DspSpatialAttention(mesh)
+    if mesh.sp_size > 1:  # on a batch-only mesh every rank holds whole frames: the plain attention stays
+        processor = UspSpatialAttention(mesh, backend) if spatial == "usp" else DspSpatialAttention(mesh)
+        for attn in spatial_attn:
+            attn.processor = processor
     signature = inspect.signature(model.forward)
 
     def forward(*args: Any, **kwargs: Any) -> Tensor:
         call = signature.bind(*args, **kwargs)
-        return _parallel_forward(model, state, usp, dsp, dict(call.arguments))
+        return _parallel_forward(model, state, dict(call.arguments))
 
     model.forward = forward
     setattr(model, _STATE, state)
@@ -145,19 +148,7 @@ def unparallelize_stdit(model: STDiT3) -> STDiT3:
     return model
 
 
-def _spatial_mode(state: _StditState, frames: int) -> str:
-    sp = state.mesh.sp_size
-    if sp == 1:
-        return "local"  # a batch-only mesh: every rank holds whole frames
-    if state.spatial == "dsp" and frames < sp:
-        raise ValueError(
-            f"parallel STDiT3: spatial='dsp' needs at least one latent frame per sequence-parallel rank "
-            f"({frames} frames, {sp} ranks): use spatial='usp'"
-        )
-    return state.spatial
-
-
-def _parallel_forward(model: STDiT3, state: _StditState, usp: Any, dsp: Any, call: dict[str, Any]) -> Tensor:
+def _parallel_forward(model: STDiT3, state: _StditState, call: dict[str, Any]) -> Tensor:
     mesh = state.mesh
     x = call["x"]
     model.check_inputs(x, call["timestep"], call["y"], call.get("mask"), call.get("x_mask"))
@@ -174,9 +165,11 @@ def _parallel_forward(model: STDiT3, state: _StditState, usp: Any, dsp: Any, cal
             f"parallel STDiT3: a batch of {batch} cannot be split over the batch axis of {mesh.batch_size} "
             "(the CFG pair, or more prompts, fill it)"
         )
-    mode = _spatial_mode(state, frames)
-    for block in model.spatial_blocks:
-        block.attn.processor = {"dsp": dsp, "usp": usp}.get(mode) or state.processors[id(block.attn)]
+    if state.spatial == "dsp" and mesh.sp_size > 1 and frames < mesh.sp_size:
+        raise ValueError(
+            f"parallel STDiT3: spatial='dsp' needs at least one latent frame per sequence-parallel rank "
+            f"({frames} frames, {mesh.sp_size} ranks): use spatial='usp'"
+        )
     if mesh.batch_size > 1:  # this rank's samples of every per-sample input
         for name in ("x", "timestep", "y", "mask", "x_mask", "fps", "height", "width"):
             value = call.get(name)
