@@ -3,7 +3,7 @@
 The walk follows ``Decoder.forward`` with the module's own weights (nothing in the model changes):
 ``conv_in`` → mid-block (resnet, attention, resnet) → up-blocks (resnets, nearest ×2 upsample +
 3×3 conv) → GroupNorm → activation → ``conv_out``. Convolutions exchange one halo row with each
-neighbour (``band_conv``), GroupNorms reduce their statistics across ranks (``group_stats``), and
+neighbour (``band_conv``), GroupNorms reduce their statistics across ranks (``norm_prologue``), and
 the mid-block attention over every latent pixel is ring attention over the bands. A part this walk
 does not know is refused by :func:`decoder_problems` before anything runs.
 """
@@ -21,7 +21,7 @@ from torch import nn
 from attention.ring import ring_attention
 from parallel_vae.bands import Band
 from parallel_vae.conv import Halos, add_band_conv_, band_conv, conv_problems
-from parallel_vae.norm import group_stats, norm_act
+from parallel_vae.norm import norm_prologue
 
 Tensor = torch.Tensor
 ELEMENTWISE_ACTS = (nn.SiLU, nn.Mish, nn.GELU, nn.ReLU)
@@ -120,10 +120,8 @@ def decoder_problems(decoder: nn.Module) -> list[str]:
 
 def _resnet(x: Tensor, block: ResnetBlock2D, band: Band) -> Tensor:
     act = block.nonlinearity
-    stats = group_stats(x, block.norm1.num_groups, band)
-    h = band_conv(x, block.conv1, band, prologue=norm_act(block.norm1, stats, act))
-    stats = group_stats(h, block.norm2.num_groups, band)
-    h = band_conv(h, block.conv2, band, prologue=norm_act(block.norm2, stats, act))
+    h = band_conv(x, block.conv1, band, prologue=norm_prologue(block.norm1, x, band, act))
+    h = band_conv(h, block.conv2, band, prologue=norm_prologue(block.norm2, h, band, act))
     h = add_band_conv_(h, x, block.conv_shortcut, band)
     return h if block.output_scale_factor == 1 else h.div_(block.output_scale_factor)
 
@@ -134,7 +132,7 @@ def _attention(x: Tensor, attn: Attention, band: Band, backend: str) -> Tensor:
     b, c, rows, w = x.shape
     y = x
     if attn.group_norm is not None:
-        y = norm_act(attn.group_norm, group_stats(x, attn.group_norm.num_groups, band), None)(x)
+        y = norm_prologue(attn.group_norm, x, band)(x)
     tokens = y.flatten(2).transpose(1, 2)  # [B, S_local, C]
     heads = attn.heads
     q, k, v = (proj(tokens).unflatten(-1, (heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v))
@@ -162,6 +160,5 @@ def decode_band(decoder: Decoder, z: Tensor, halos: Halos, band: Band, *, backen
         for sampler in up.upsamplers or ():
             x = band_conv(x, _upsample_conv(sampler), band, upsample=True)
             band = band.upsampled()
-    norm = decoder.conv_norm_out
-    stats = group_stats(x, norm.num_groups, band)
-    return band_conv(x, decoder.conv_out, band, prologue=norm_act(norm, stats, decoder.conv_act))
+    prologue = norm_prologue(decoder.conv_norm_out, x, band, decoder.conv_act)
+    return band_conv(x, decoder.conv_out, band, prologue=prologue)

@@ -63,23 +63,23 @@ def group_stats(x: Tensor, groups: int, band: Band) -> GroupStats:
     return GroupStats(mean, var)
 
 
-def normalize(x: Tensor, stats: GroupStats, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
-    """``(x - mean) / sqrt(var + eps) * weight + bias`` per group, for any rows of the map."""
+def norm_prologue(
+    norm: nn.GroupNorm, x: Tensor, band: Band, act: nn.Module | None = None
+) -> Callable[[Tensor], Tensor]:
+    """The prologue ``act(norm(rows))`` for any rows of the map of which ``x`` is this rank's band:
+    the whole map's statistics (collective over ``band.group``), turned once into the per
+    ``(sample, channel)`` affine map that every slab then applies."""
+    stats = group_stats(x, norm.num_groups, band)
     b, c = x.shape[:2]
-    per_group = c // stats.mean.shape[1]
+    per_group = c // norm.num_groups
     mean = stats.mean.repeat_interleave(per_group, dim=1).flatten()
     var = stats.var.repeat_interleave(per_group, dim=1).flatten()
-    w = None if weight is None else weight.float().repeat(b)
-    bb = None if bias is None else bias.float().repeat(b)
-    y = F.batch_norm(x.reshape(1, b * c, *x.shape[2:]), mean, var, w, bb, training=False, momentum=0.0, eps=eps)
-    return y.view(x.shape)
-
-
-def norm_act(norm: nn.GroupNorm, stats: GroupStats, act: nn.Module | None) -> Callable[[Tensor], Tensor]:
-    """The prologue ``act(norm(rows))`` for any rows of the map, with the whole map's statistics."""
+    weight = None if norm.weight is None else norm.weight.float().repeat(b)
+    bias = None if norm.bias is None else norm.bias.float().repeat(b)
 
     def prologue(rows: Tensor) -> Tensor:
-        y = normalize(rows, stats, norm.weight, norm.bias, norm.eps)
+        flat = rows.reshape(1, b * c, *rows.shape[2:])  # channels of all samples as one batch-norm batch
+        y = F.batch_norm(flat, mean, var, weight, bias, training=False, momentum=0.0, eps=norm.eps).view(rows.shape)
         if isinstance(act, nn.SiLU):
             return F.silu(y, inplace=True)  # y is a fresh tensor: spare a slab-sized allocation
         return y if act is None else act(y)
@@ -96,4 +96,4 @@ def distributed_group_norm(x: Tensor, norm: nn.GroupNorm, group: dist.ProcessGro
             f"distributed_group_norm: this rank's band should have {band.rows} of the {height} rows "
             f"(bands {list(band.sizes)}), got {x.shape[ROWS]}"
         )
-    return norm_act(norm, group_stats(x, norm.num_groups, band), None)(x)
+    return norm_prologue(norm, x, band)(x)

@@ -136,7 +136,7 @@ def _decode_sample(vae: AutoencoderKL, state: _VaeState, z: Tensor) -> Tensor:
     rows = row_slab(z, lo, hi)  # the band and its halo rows: every rank has all latents
     if vae.post_quant_conv is not None:
         rows = vae.post_quant_conv(rows)
-    above = row_slab(rows, 0, 1) if band.start > 0 else None
+    above = row_slab(rows, 0, 1) if not band.is_top else None
     below = row_slab(rows, rows.shape[ROWS] - 1, rows.shape[ROWS]) if not band.is_bottom else None
     own = row_slab(rows, band.start - lo, band.start - lo + band.rows)
     image = decode_band(vae.decoder, own, (above, below), band, backend=state.backend)

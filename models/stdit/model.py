@@ -11,8 +11,9 @@ between the stages without changing the model.
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ OPTIONAL_KEYS = {"rope.freqs"}  # deterministic: a checkpoint may leave it out
 
 @dataclass
 class Conditioning:
-    """Everything a block needs besides the tokens (per sample, so a batch split splits it too)."""
+    """Everything a block needs besides the tokens."""
 
     t: Tensor  # [B, C] timestep + fps embedding (the final layer's)
     t_mlp: Tensor  # [B, 6C] the blocks' modulation
@@ -51,10 +52,6 @@ class Conditioning:
     y: Tensor  # [B, L, C] projected text
     y_mask: Tensor  # [B, L] bool, True = valid token
     frames: int
-
-    def samples(self, index: slice) -> Conditioning:
-        pick = {k: getattr(self, k) for k in ("t", "t_mlp", "t0", "t0_mlp", "x_mask", "y", "y_mask")}
-        return replace(self, **{k: None if v is None else v[index] for k, v in pick.items()})
 
 
 def _select_frames(x_mask: Tensor | None, keep: Tensor, zero: Tensor | None, frames: int) -> Tensor:
@@ -271,8 +268,6 @@ class STDiT3(nn.Module):
 
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
-        import json
-
         (folder / CONFIG).write_text(json.dumps(self.config.to_dict(), indent=2))
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
         save_file(state, str(folder / WEIGHTS), metadata={"format": "pt"})
