@@ -362,7 +362,7 @@ GPU_NAMES = [n for n in BACKEND_NAMES if n != "cpu_flash"]
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 512])  # 512: the VAE's one head (forward-only kernels)
 @pytest.mark.parametrize("name", GPU_NAMES)
 def test_gpu_forward_bf16_flash_attention_rule(name: str, head_dim: int):
     check_forward_rule(name, head_dim, torch.device("cuda", torch.cuda.current_device()))
