@@ -11,6 +11,8 @@ does not know is refused by :func:`decoder_problems` before anything runs.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+from diffusers import AutoencoderKL
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from diffusers.models.autoencoders.vae import Decoder
 from diffusers.models.resnet import ResnetBlock2D
@@ -19,7 +21,7 @@ from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
 from attention.ring import ring_attention
-from parallel_vae.bands import Band
+from parallel_vae.bands import ROWS, Band, row_slab
 from parallel_vae.conv import Halos, add_band_conv_, band_conv, conv_problems
 from parallel_vae.norm import norm_prologue
 
@@ -162,3 +164,36 @@ def decode_band(decoder: Decoder, z: Tensor, halos: Halos, band: Band, *, backen
             band = band.upsampled()
     prologue = norm_prologue(decoder.conv_norm_out, x, band, decoder.conv_act)
     return band_conv(x, decoder.conv_out, band, prologue=prologue)
+
+
+def autoencoder_problems(vae: AutoencoderKL) -> list[str]:
+    """Every reason ``vae``'s decode cannot run banded and exact (empty: it can)."""
+    problems = decoder_problems(vae.decoder)
+    if vae.post_quant_conv is not None:
+        problems += conv_problems("post_quant_conv", vae.post_quant_conv, kernel=1)
+    if vae.use_tiling:
+        problems.append(
+            "diffusers tiling is enabled (inexact: per-tile statistics and blended seams); call "
+            "vae.disable_tiling() and pass tile_rows=... for exact tiling instead"
+        )
+    return problems
+
+
+def decode_rows(
+    vae: AutoencoderKL, z: Tensor, group: dist.ProcessGroup, *, tile_rows: int | None, backend: str
+) -> tuple[Tensor, list[int]]:
+    """This rank's row band ``[B, 3, rows, W]`` of ``vae.decode(z)`` and every rank's image rows.
+
+    ``z`` ``[B, C, h, w]``: the whole latents, the same on every rank of ``group`` (``h`` ≥ ranks).
+    Collective over ``group``."""
+    band = Band.split(z.shape[ROWS], group, tile_rows)
+    lo, hi = max(band.start - 1, 0), min(band.start + band.rows + 1, band.height)
+    rows = row_slab(z, lo, hi)  # the band and its halo rows: every rank has all latents
+    if vae.post_quant_conv is not None:
+        rows = vae.post_quant_conv(rows)
+    above = row_slab(rows, 0, 1) if not band.is_top else None
+    below = row_slab(rows, rows.shape[ROWS] - 1, rows.shape[ROWS]) if not band.is_bottom else None
+    own = row_slab(rows, band.start - lo, band.start - lo + band.rows)
+    image = decode_band(vae.decoder, own, (above, below), band, backend=backend)
+    scale = image.shape[ROWS] // band.rows
+    return image, [n * scale for n in band.sizes]

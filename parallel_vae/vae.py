@@ -1,9 +1,12 @@
-"""``parallelize_vae``: an unmodified diffusers ``AutoencoderKL`` whose ``decode`` runs across ranks.
+"""``parallelize_vae``: an unmodified VAE whose ``decode`` runs across ranks.
 
-Every rank calls ``vae.decode(z)`` with the same full latents ``z``. Each takes its row band of them
-(plus one halo row on each side, which it already has), decodes the band with
-:func:`~parallel_vae.decoder.decode_band`, and the image bands are gathered to every rank or to
-one. Only this instance changes (an instance-level ``decode``); :func:`unparallelize_vae` restores it.
+Image VAEs (diffusers ``AutoencoderKL``): every rank calls ``vae.decode(z)`` with the same full
+latents ``z``. Each takes its row band of them (plus one halo row on each side, which it already
+has), decodes the band with :func:`~parallel_vae.decoder.decode_band`, and the image bands are
+gathered to every rank or to one. Video VAEs (:class:`~parallel_vae.video.VideoVAE`, e.g.
+``models.stdit.OpenSoraVAE``): ``vae.decode(z, num_frames)`` deals temporal chunks, then frames, to
+the ranks (:mod:`parallel_vae.video`). Only this instance changes (an instance-level ``decode``);
+:func:`unparallelize_vae` restores it.
 """
 
 from __future__ import annotations
@@ -17,9 +20,9 @@ import torch.distributed as dist
 from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DecoderOutput
 
-from parallel_vae.bands import ROWS, Band, check_tile_rows, row_slab
-from parallel_vae.conv import conv_problems
-from parallel_vae.decoder import decode_band, decoder_problems
+from parallel_vae.bands import ROWS, check_tile_rows
+from parallel_vae.decoder import autoencoder_problems, decode_rows
+from parallel_vae.video import VideoVAE, check_ranks_per_frame, decode_video, frame_groups
 from xdit_core.collectives import all_gather, gather_to
 from xdit_core.mesh import ParallelMesh
 
@@ -34,6 +37,8 @@ class _VaeState:
     gather_to: int | None
     backend: str
     previous_decode: Callable[..., Any] | None
+    ranks_per_frame: int | None = None  # video VAEs: the frame groups' size (None: chosen per call)
+    frame_groups: dict[int, dist.ProcessGroup] | None = None  # video VAEs: this rank's group of each size
 
 
 def _group_of(mesh_or_group: ParallelMesh | dist.ProcessGroup) -> dist.ProcessGroup:
@@ -45,13 +50,14 @@ def _group_of(mesh_or_group: ParallelMesh | dist.ProcessGroup) -> dist.ProcessGr
 
 
 def parallelize_vae(
-    vae: AutoencoderKL,
+    vae: AutoencoderKL | VideoVAE,
     mesh_or_group: ParallelMesh | dist.ProcessGroup,
     *,
     tile_rows: int | None = None,
     gather_to: int | None = None,
     backend: str = "auto",
-) -> AutoencoderKL:
+    ranks_per_frame: int | None = None,
+) -> AutoencoderKL | VideoVAE:
     """Make ``vae.decode`` decode across the ranks of ``mesh_or_group``; returns the same instance.
 
     A mesh contributes all its ranks. Each rank decodes one band of image rows (bands differ by at
@@ -61,26 +67,37 @@ def parallelize_vae(
     rank the whole image; a group rank gives it to that rank only, and every other rank gets its own
     band ``[B, 3, rows, W]``. ``backend``: the kernel of the mid-block's ring attention. Exact: the
     same result as the single-device ``decode`` up to floating-point reordering. Inference only.
+
+    A video VAE's ``decode(z, num_frames)`` deals its temporal chunks, then its frames, to the ranks
+    (:mod:`parallel_vae.video`); ``ranks_per_frame`` (a divisor of the rank count) shards each
+    frame's rows over that many ranks as well (``None``: 1 when there are at least as many frames as
+    ranks, else the fewest that keep every rank busy). ``gather_to`` then gives one rank the video
+    and every other rank its own frames ``[n, 3, H, W]``. Every rank must call this (it creates the
+    frame groups' process groups).
     """
-    if not isinstance(vae, AutoencoderKL):
-        raise ValueError(f"parallelize_vae needs a diffusers AutoencoderKL, got {type(vae).__name__}")
+    video = isinstance(vae, VideoVAE) and not isinstance(vae, AutoencoderKL)
+    if not video and not isinstance(vae, AutoencoderKL):
+        raise ValueError(
+            f"parallelize_vae needs a diffusers AutoencoderKL or a video VAE (OpenSoraVAE), got {type(vae).__name__}"
+        )
+    if not video and ranks_per_frame is not None:
+        raise ValueError("parallelize_vae: ranks_per_frame applies to video VAEs only")
     if getattr(vae, _STATE, None) is not None:
         raise ValueError("parallelize_vae: this VAE is already parallel (unparallelize_vae it first)")
     group = _group_of(mesh_or_group)
     check_tile_rows(tile_rows, "parallelize_vae")
     if gather_to is not None and not (isinstance(gather_to, int) and 0 <= gather_to < group.size()):
         raise ValueError(f"parallelize_vae: gather_to must be None or a rank of the {group.size()}-rank group")
-    problems = decoder_problems(vae.decoder)
-    if vae.post_quant_conv is not None:
-        problems += conv_problems("post_quant_conv", vae.post_quant_conv, kernel=1)
+    check_ranks_per_frame(ranks_per_frame, group.size())
+    problems = autoencoder_problems(vae.spatial_vae.module if video else vae)
     if problems:
         raise ValueError("parallelize_vae cannot decode this VAE exactly:\n  " + "\n  ".join(problems))
-    if vae.use_tiling:
-        raise ValueError(
-            "parallelize_vae: the VAE has diffusers tiling enabled (inexact: per-tile statistics and blended "
-            "seams); call vae.disable_tiling() and pass tile_rows=... for exact tiling instead"
-        )
-    state = _VaeState(group, tile_rows, gather_to, backend, vae.__dict__.get("decode"))
+    state = _VaeState(group, tile_rows, gather_to, backend, vae.__dict__.get("decode"), ranks_per_frame)
+    if video:
+        state.frame_groups = frame_groups(group)
+        vae.decode = _video_decode(vae, state)
+        setattr(vae, _STATE, state)
+        return vae
 
     def decode(z: Tensor, return_dict: bool = True, generator: torch.Generator | None = None) -> Any:
         _check_latents(vae, z, state.group)  # before no_grad: it refuses latents that need gradients
@@ -92,12 +109,32 @@ def parallelize_vae(
     return vae
 
 
-def is_parallel_vae(vae: AutoencoderKL) -> bool:
+def _video_decode(vae: VideoVAE, state: _VaeState) -> Callable[..., Tensor]:
+    def decode(z: Tensor, num_frames: int) -> Tensor:
+        vae.check_latents(z, num_frames)  # identical on every rank, before any collective
+        if z.requires_grad and torch.is_grad_enabled():
+            raise ValueError("parallel VAE decode is inference only: the latents require grad (use torch.no_grad())")
+        return decode_video(
+            vae,
+            z,
+            num_frames,
+            group=state.group,
+            groups=state.frame_groups,
+            ranks_per_frame=state.ranks_per_frame,
+            tile_rows=state.tile_rows,
+            gather_to_rank=state.gather_to,
+            backend=state.backend,
+        )
+
+    return decode
+
+
+def is_parallel_vae(vae: AutoencoderKL | VideoVAE) -> bool:
     """Whether :func:`parallelize_vae` made this instance parallel."""
     return getattr(vae, _STATE, None) is not None
 
 
-def unparallelize_vae(vae: AutoencoderKL) -> AutoencoderKL:
+def unparallelize_vae(vae: AutoencoderKL | VideoVAE) -> AutoencoderKL | VideoVAE:
     """Undo :func:`parallelize_vae`: the VAE's own ``decode`` again; returns the same instance."""
     state: _VaeState | None = getattr(vae, _STATE, None)
     if state is None:
@@ -131,17 +168,7 @@ def _decode(vae: AutoencoderKL, state: _VaeState, z: Tensor) -> Tensor:
 
 
 def _decode_sample(vae: AutoencoderKL, state: _VaeState, z: Tensor) -> Tensor:
-    band = Band.split(z.shape[ROWS], state.group, state.tile_rows)
-    lo, hi = max(band.start - 1, 0), min(band.start + band.rows + 1, band.height)
-    rows = row_slab(z, lo, hi)  # the band and its halo rows: every rank has all latents
-    if vae.post_quant_conv is not None:
-        rows = vae.post_quant_conv(rows)
-    above = row_slab(rows, 0, 1) if not band.is_top else None
-    below = row_slab(rows, rows.shape[ROWS] - 1, rows.shape[ROWS]) if not band.is_bottom else None
-    own = row_slab(rows, band.start - lo, band.start - lo + band.rows)
-    image = decode_band(vae.decoder, own, (above, below), band, backend=state.backend)
-    scale = image.shape[ROWS] // band.rows
-    sizes = [n * scale for n in band.sizes]
+    image, sizes = decode_rows(vae, z, state.group, tile_rows=state.tile_rows, backend=state.backend)
     if state.group.size() == 1:
         return image
     if state.gather_to is None:
