@@ -144,7 +144,7 @@ def decode_video(
     own = latents[start : start + per_group[g]]
     bands, row_sizes = [], None
     module = vae.spatial_vae.module
-    for xs in own.split(vae.micro_batch_size):
+    for xs in own.split(vae.micro_batch_size) if own.shape[0] else ():
         band, row_sizes = decode_rows(module, vae.spatial_input(xs), frame_group, tile_rows=tile_rows, backend=backend)
         bands.append(band)
     frames = torch.cat(bands) if bands else None
