@@ -22,7 +22,7 @@ from diffusers.models.autoencoders.vae import DecoderOutput
 
 from parallel_vae.bands import ROWS, check_tile_rows
 from parallel_vae.decoder import autoencoder_problems, decode_rows
-from parallel_vae.video import VideoVAE, check_ranks_per_frame, decode_video, frame_groups
+from parallel_vae.video import VideoVAE, check_ranks_per_frame, decode_video, frame_groups, is_video_vae
 from xdit_core.collectives import all_gather, gather_to
 from xdit_core.mesh import ParallelMesh
 
@@ -75,7 +75,7 @@ def parallelize_vae(
     and every other rank its own frames ``[n, 3, H, W]``. Every rank must call this (it creates the
     frame groups' process groups).
     """
-    video = isinstance(vae, VideoVAE) and not isinstance(vae, AutoencoderKL)
+    video = is_video_vae(vae) and not isinstance(vae, AutoencoderKL)
     if not video and not isinstance(vae, AutoencoderKL):
         raise ValueError(
             f"parallelize_vae needs a diffusers AutoencoderKL or a video VAE (OpenSoraVAE), got {type(vae).__name__}"

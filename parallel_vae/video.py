@@ -28,7 +28,7 @@ run of frames to one all-gather (or a gather to one rank) of the whole video ``[
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -41,7 +41,6 @@ from xdit_core.collectives import all_gather, gather_to, split_sizes
 Tensor = torch.Tensor
 
 
-@runtime_checkable
 class VideoVAE(Protocol):
     """What the parallel decode needs of a video VAE (``models.stdit.OpenSoraVAE`` has it): chunks
     ``c`` with ``latent_start``, ``latent_frames`` and ``frames``; ``spatial_vae.module`` an
@@ -55,6 +54,18 @@ class VideoVAE(Protocol):
     def denormalize(self, z: Tensor) -> Tensor: ...
     def decode_chunk(self, z: Tensor, chunk: Any) -> Tensor: ...
     def spatial_input(self, x: Tensor) -> Tensor: ...
+
+
+VIDEO_VAE_MEMBERS = (
+    "spatial_vae", "micro_batch_size", "check_latents", "temporal_chunks", "denormalize", "decode_chunk",
+    "spatial_input",
+)  # fmt: skip
+
+
+def is_video_vae(vae: Any) -> bool:
+    """Whether ``vae`` has every member of :class:`VideoVAE` (a duck-typed check: ``nn.Module``
+    submodules are invisible to ``isinstance`` on runtime protocols in Python ≥ 3.12)."""
+    return all(hasattr(vae, name) for name in VIDEO_VAE_MEMBERS)
 
 
 def divisors(n: int) -> list[int]:

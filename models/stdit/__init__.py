@@ -1,8 +1,46 @@
-"""STDiT3 (Open-Sora 1.2): the model, its sequence-parallel adapter and the rectified-flow sampler."""
+"""STDiT3 (Open-Sora 1.2): the model, its sequence-parallel adapter, the rectified-flow sampler, the video
+VAE, T5 text conditioning and the end-to-end pipeline."""
 
 from models.stdit.config import STDiT3Config
 from models.stdit.model import STDiT3
 from models.stdit.parallel import parallelize_stdit, unparallelize_stdit
+from models.stdit.pipeline import (
+    OpenSoraOutput,
+    OpenSoraPipeline,
+    image_size,
+    parallelize_opensora,
+    parse_num_frames,
+    tiny_opensora_pipeline,
+    unparallelize_opensora,
+)
 from models.stdit.sampler import rflow_sample, rflow_timesteps
+from models.stdit.temporal_vae import TemporalVAE, TemporalVAEConfig
+from models.stdit.text import T5TextEncoder, encode_prompts_shared, prompt_for_t5, tiny_t5_text_encoder
+from models.stdit.video_io import video_to_uint8, write_mp4
+from models.stdit.video_vae import OpenSoraVAE, OpenSoraVAEConfig
 
-__all__ = ["STDiT3", "STDiT3Config", "parallelize_stdit", "rflow_sample", "rflow_timesteps", "unparallelize_stdit"]
+__all__ = [
+    "OpenSoraOutput",
+    "OpenSoraPipeline",
+    "OpenSoraVAE",
+    "OpenSoraVAEConfig",
+    "STDiT3",
+    "STDiT3Config",
+    "T5TextEncoder",
+    "TemporalVAE",
+    "TemporalVAEConfig",
+    "encode_prompts_shared",
+    "image_size",
+    "parallelize_opensora",
+    "parallelize_stdit",
+    "parse_num_frames",
+    "prompt_for_t5",
+    "rflow_sample",
+    "rflow_timesteps",
+    "tiny_opensora_pipeline",
+    "tiny_t5_text_encoder",
+    "unparallelize_opensora",
+    "unparallelize_stdit",
+    "video_to_uint8",
+    "write_mp4",
+]
