@@ -59,8 +59,11 @@ def parse_args() -> argparse.Namespace:
         if not Path(path).is_dir():
             p.error(f"{path} is not a folder")
     args.tiny = not any(paths)
-    args.num_frames = parse_num_frames(args.num_frames or ("17" if args.tiny else "4s"))
-    args.height, args.width = image_size(args.resolution or ("144p" if args.tiny else "720p"), args.aspect_ratio)
+    try:
+        args.num_frames = parse_num_frames(args.num_frames or ("17" if args.tiny else "4s"))
+        args.height, args.width = image_size(args.resolution or ("144p" if args.tiny else "720p"), args.aspect_ratio)
+    except ValueError as e:
+        p.error(str(e))
     args.steps = args.steps or (4 if args.tiny else 30)
     return args
 
@@ -72,8 +75,7 @@ def main() -> None:
     ulysses = args.ulysses or ctx.world_size // (args.ring * batch)
     mesh = ParallelMesh.build(ulysses=ulysses, ring=args.ring, batch=batch)
     if args.tiny:
-        pipe = tiny_opensora_pipeline(seed=0)
-        pipe.transformer.to(ctx.device), pipe.vae.to(ctx.device), pipe.text_encoder.model.to(ctx.device)
+        pipe = tiny_opensora_pipeline(seed=0).to(ctx.device)
     else:
         dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
         text = args.text_encoder_path if ctx.rank == 0 else None  # T5 lives on rank 0 only

@@ -11,7 +11,6 @@ between the stages without changing the model.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from einops import rearrange
 from torch import nn
 
 from models.stdit.attention import CrossAttention, SelfAttention
+from models.stdit.checkpoint import checkpoint_files, load_checked, save_checkpoint
 from models.stdit.config import STDiT3Config
 from models.stdit.layers import (
     CaptionEmbedder,
@@ -36,8 +36,7 @@ from models.stdit.layers import (
 Tensor = torch.Tensor
 IMAGE_FPS, VIDEO_FPS = 120, 24  # Open-Sora's fps conditioning for one-frame images and for videos
 VAE_SCALE = 8  # pixels per latent pixel (the spatial VAE), for height/width left unspecified
-WEIGHTS, CONFIG = "model.safetensors", "config.json"
-OPTIONAL_KEYS = {"rope.freqs"}  # deterministic: a checkpoint may leave it out
+OPTIONAL_KEYS = frozenset({"rope.freqs"})  # deterministic: a checkpoint may leave it out
 
 
 @dataclass
@@ -264,13 +263,7 @@ class STDiT3(nn.Module):
     # ------------------------------------------------------------------------ checkpoints
     def save_pretrained(self, path: str | Path) -> None:
         """``config.json`` + ``model.safetensors`` (the published layout) in folder ``path``."""
-        from safetensors.torch import save_file
-
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / CONFIG).write_text(json.dumps(self.config.to_dict(), indent=2))
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(folder / WEIGHTS), metadata={"format": "pt"})
+        save_checkpoint(self, self.config.to_dict(), path)
 
     @classmethod
     def from_pretrained(
@@ -278,30 +271,11 @@ class STDiT3(nn.Module):
     ) -> STDiT3:
         """Load ``config.json`` + ``model.safetensors`` from folder ``path``; a ``ValueError`` names
         missing, unexpected or misshapen tensors (``rope.freqs`` may be absent: it is recomputed)."""
-        from safetensors.torch import load_file
-
-        folder = Path(path)
-        for name in (CONFIG, WEIGHTS):
-            if not (folder / name).is_file():
-                raise ValueError(f"STDiT3.from_pretrained: {folder / name} not found")
-        config = STDiT3Config.from_json(folder / CONFIG)
+        config_file, weights = checkpoint_files(path, "STDiT3.from_pretrained")
+        config = STDiT3Config.from_json(config_file)
         with torch.device("meta"):
             model = cls(config)
-        expected = model.state_dict()
-        state = load_file(str(folder / WEIGHTS), device=str(device))
-        missing = sorted(set(expected) - set(state) - OPTIONAL_KEYS)
-        unexpected = sorted(set(state) - set(expected))
-        misshapen = sorted(
-            f"{k}: {list(state[k].shape)} (model {list(expected[k].shape)})"
-            for k in set(state) & set(expected)
-            if state[k].shape != expected[k].shape
-        )
-        if missing or unexpected or misshapen:
-            raise ValueError(
-                f"STDiT3.from_pretrained: {folder / WEIGHTS} does not match the config: missing {missing[:10]}"
-                f"{' …' if len(missing) > 10 else ''} ({len(missing)}), unexpected {unexpected[:10]} "
-                f"({len(unexpected)}), misshapen {misshapen[:10]} ({len(misshapen)})"
-            )
+        state = load_checked(model, weights, "STDiT3.from_pretrained", device=device, optional=OPTIONAL_KEYS)
         for key in OPTIONAL_KEYS - set(state):
             state[key] = RotaryEmbedding(config.head_dim).freqs.detach().to(device)
         model.load_state_dict(state, assign=True)

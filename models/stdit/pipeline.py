@@ -123,6 +123,14 @@ class OpenSoraPipeline:
             text = T5TextEncoder.from_pretrained(text_encoder_path, dtype=text_dtype, device=device)
         return cls(transformer, vae, text)
 
+    def to(self, device: str | torch.device) -> OpenSoraPipeline:
+        """Move the models (and the text encoder, if any) to ``device``; returns this pipeline."""
+        self.transformer.to(device)
+        self.vae.to(device)
+        if self.text_encoder is not None:
+            self.text_encoder.model.to(device)
+        return self
+
     @property
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
@@ -156,7 +164,7 @@ class OpenSoraPipeline:
         steps: int = 30,
         cfg_scale: float = 7.0,
         seed: int = 1024,
-        fps: int = 24,
+        fps: int = 24,  # videos; an image is conditioned on the model's image fps (120)
         aes: float | None = 6.5,
         clean_caption: bool = True,
         prompt_embeds: tuple[Tensor, Tensor] | None = None,
@@ -183,7 +191,7 @@ class OpenSoraPipeline:
         z = torch.randn(shape, generator=noise).to(self.device, self.dtype)
         z = rflow_sample(
             self.transformer, z, y, mask, num_frames=num_frames, height=height, width=width, steps=steps,
-            cfg_scale=cfg_scale, fps=fps if num_frames > 1 else 120, progress=progress,
+            cfg_scale=cfg_scale, fps=fps if num_frames > 1 else None, progress=progress,
         )  # fmt: skip
         timings["denoise"] = (mark2 := self._now()) - mark
         vae_dtype = next(self.vae.parameters()).dtype

@@ -21,10 +21,10 @@ import torch
 from diffusers import AutoencoderKL
 from torch import nn
 
+from models.stdit.checkpoint import checkpoint_files, load_checked, save_checkpoint
 from models.stdit.temporal_vae import TemporalVAE, TemporalVAEConfig
 
 Tensor = torch.Tensor
-CONFIG, WEIGHTS = "config.json", "model.safetensors"
 SPATIAL_SCALE = 0.18215  # the reference's hard-coded latent factor (not the config's scaling_factor)
 SDXL_VAE: dict[str, Any] = {  # PixArt-Σ's SDXL VAE config (the published model's spatial stage)
     "in_channels": 3,
@@ -266,13 +266,7 @@ class OpenSoraVAE(nn.Module):
     # ------------------------------------------------------------------ checkpoints
     def save_pretrained(self, path: str | Path) -> None:
         """``config.json`` + ``model.safetensors`` (the published layout) in folder ``path``."""
-        from safetensors.torch import save_file
-
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / CONFIG).write_text(json.dumps(self.config.to_dict(), indent=2))
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(folder / WEIGHTS), metadata={"format": "pt"})
+        save_checkpoint(self, self.config.to_dict(), path)
 
     @classmethod
     def from_pretrained(
@@ -281,31 +275,10 @@ class OpenSoraVAE(nn.Module):
         """Load ``config.json`` + ``model.safetensors`` from folder ``path`` (the published folder
         works as it is); a ``ValueError`` names missing, unexpected or misshapen tensors. ``dtype``
         casts everything, the ``scale``/``shift`` buffers included (as the reference)."""
-        from safetensors.torch import load_file
-
-        folder = Path(path)
-        for name in (CONFIG, WEIGHTS):
-            if not (folder / name).is_file():
-                raise ValueError(f"OpenSoraVAE.from_pretrained: {folder / name} not found")
-        config = OpenSoraVAEConfig.from_json(folder / CONFIG)
+        config_file, weights = checkpoint_files(path, "OpenSoraVAE.from_pretrained")
         with torch.device("meta"):
-            model = cls(config)
-        expected = model.state_dict()
-        state = load_file(str(folder / WEIGHTS), device=str(device))
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        misshapen = sorted(
-            f"{k}: {list(state[k].shape)} (model {list(expected[k].shape)})"
-            for k in set(state) & set(expected)
-            if state[k].shape != expected[k].shape
-        )
-        if missing or unexpected or misshapen:
-            raise ValueError(
-                f"OpenSoraVAE.from_pretrained: {folder / WEIGHTS} does not match the config: missing {missing[:10]}"
-                f"{' …' if len(missing) > 10 else ''} ({len(missing)}), unexpected {unexpected[:10]} "
-                f"({len(unexpected)}), misshapen {misshapen[:10]} ({len(misshapen)})"
-            )
-        model.load_state_dict(state, assign=True)
+            model = cls(OpenSoraVAEConfig.from_json(config_file))
+        model.load_state_dict(load_checked(model, weights, "OpenSoraVAE.from_pretrained", device=device), assign=True)
         return model.to(dtype=dtype).eval() if dtype is not None else model.eval()
 
 
