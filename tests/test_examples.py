@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import av
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,11 +32,18 @@ def test_stdit_generate_writes_the_video(tmp_path) -> None:
     assert len(frames) == 20 and frames[0].shape == (144, 256, 3)
 
 
-def test_stdit_generate_refuses_bad_arguments_before_starting() -> None:
+def test_stdit_generate_refuses_bad_arguments_before_starting(monkeypatch, capsys) -> None:
+    spec = importlib.util.spec_from_file_location("stdit_generate", ROOT / "examples" / "stdit_generate.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
     for args, message in (
-        (("--resolution", "600p"), "invalid choice"),
-        (("--num-frames", "0"), "unsupported frame count"),
-        (("--model-path", "/nowhere"), "pass all of --model-path"),
+        (["--resolution", "600p"], "invalid choice"),
+        (["--num-frames", "0"], "unsupported frame count"),
+        (["--aspect-ratio", "5:7"], "invalid choice"),
+        (["--model-path", "/nowhere"], "pass all of --model-path"),
+        (["--model-path", "/nowhere", "--vae-path", "/nowhere", "--text-encoder-path", "/nowhere"], "not a folder"),
     ):
-        run = _torchrun(*args, ranks=1)
-        assert run.returncode != 0 and message in run.stderr, run.stderr[-2000:]
+        monkeypatch.setattr(sys, "argv", ["stdit_generate.py", *args])
+        with pytest.raises(SystemExit) as exit_info:
+            example.parse_args()  # before any process group exists
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
