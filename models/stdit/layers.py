@@ -71,9 +71,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        # F.rms_norm normalises in float32 and rounds once to x's dtype: the same values as the
+        # reference's upcast / normalise / cast-back, in one fused kernel instead of six.
+        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -135,4 +135,5 @@ class PatchEmbed3D(nn.Module):
 
 
 def t2i_modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return x * (1 + scale) + shift
+    """``x·(1 + scale) + shift`` as one fused multiply-add (one rounding instead of two)."""
+    return torch.addcmul(shift, x, 1 + scale)

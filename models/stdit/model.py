@@ -88,13 +88,17 @@ class STDiT3Block(nn.Module):
             zero = None if mod0 is None else t2i_modulate(h, mod0[shift], mod0[scale])
             return _select_frames(x_mask, t2i_modulate(h, mod[shift], mod[scale]), zero, frames)
 
-        def gated(h: Tensor, gate: int) -> Tensor:
-            return _select_frames(x_mask, mod[gate] * h, None if mod0 is None else mod0[gate] * h, frames)
+        def add_gated(x: Tensor, h: Tensor, gate: int) -> Tensor:
+            """``x + gate·h`` as one fused multiply-add; with ``x_mask`` the gate is chosen per frame."""
+            if x_mask is None:
+                return torch.addcmul(x, mod[gate], h)
+            per_frame = torch.where(x_mask[:, :, None, None], mod[gate][:, None], mod0[gate][:, None])  # [B, T, 1, C]
+            return torch.addcmul(x.unflatten(1, (frames, -1)), per_frame, h.unflatten(1, (frames, -1))).flatten(1, 2)
 
         h = self.attn(modulated(self.norm1, 0, 1), frames=frames, rope=rope if self.temporal else None, **attn_kwargs)
-        x = x + gated(h, 2)
+        x = add_gated(x, h, 2)
         x = x + self.cross_attn(x, cond.y, cond.y_mask)
-        return x + gated(self.mlp(modulated(self.norm2, 3, 4)), 5)
+        return add_gated(x, self.mlp(modulated(self.norm2, 3, 4)), 5)
 
 
 class FinalLayer(nn.Module):
