@@ -131,7 +131,9 @@ class PatchEmbed3D(nn.Module):
         pt, ph, pw = self.patch_size
         _, _, t, h, w = x.shape
         x = F.pad(x, (0, -w % pw, 0, -h % ph, 0, -t % pt))
-        return self.proj(x).flatten(2).transpose(1, 2)
+        # contiguous tokens: the transposed view would make every later elementwise op of the residual
+        # stream strided (slow kernels) and every LayerNorm copy it first
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
 def t2i_modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
