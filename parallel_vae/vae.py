@@ -112,8 +112,7 @@ def parallelize_vae(
 def _video_decode(vae: VideoVAE, state: _VaeState) -> Callable[..., Tensor]:
     def decode(z: Tensor, num_frames: int) -> Tensor:
         vae.check_latents(z, num_frames)  # identical on every rank, before any collective
-        if z.requires_grad and torch.is_grad_enabled():
-            raise ValueError("parallel VAE decode is inference only: the latents require grad (use torch.no_grad())")
+        _refuse_grad(z)
         return decode_video(
             vae,
             z,
@@ -157,6 +156,10 @@ def _check_latents(vae: AutoencoderKL, z: Tensor, group: dist.ProcessGroup) -> N
             f"parallel VAE decode: {z.shape[ROWS]} latent rows cannot be split over {group.size()} ranks "
             f"(each needs at least one row): decode on at most {z.shape[ROWS]} ranks"
         )
+    _refuse_grad(z)
+
+
+def _refuse_grad(z: Tensor) -> None:
     if z.requires_grad and torch.is_grad_enabled():
         raise ValueError("parallel VAE decode is inference only: the latents require grad (use torch.no_grad())")
 

@@ -56,10 +56,10 @@ class VideoVAE(Protocol):
     def spatial_input(self, x: Tensor) -> Tensor: ...
 
 
-VIDEO_VAE_MEMBERS = (
-    "spatial_vae", "micro_batch_size", "check_latents", "temporal_chunks", "denormalize", "decode_chunk",
-    "spatial_input",
-)  # fmt: skip
+# the protocol's attributes and methods, read off the class so the two cannot drift apart
+VIDEO_VAE_MEMBERS = tuple(VideoVAE.__annotations__) + tuple(
+    name for name, value in vars(VideoVAE).items() if callable(value) and not name.startswith("_")
+)
 
 
 def is_video_vae(vae: Any) -> bool:
