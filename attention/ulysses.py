@@ -15,38 +15,48 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.distributed as dist
 
 from attention.checks import check_sequence_call
 from attention.joint import attend_layout
 from attention.local import run_masked
 from attention.masking import Keep, block_keep
-from xdit_core.collectives import all_to_all, split_sizes
+from xdit_core.collectives import Group, all_to_all, split_sizes
+from xdit_core.peer import PeerExchange, copy_words
 
 Tensor = torch.Tensor
 Inner = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
-def ulysses_core(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup, inner: Inner, lengths: list[int]) -> Tensor:
+def ulysses_core(q: Tensor, k: Tensor, v: Tensor, group: Group, inner: Inner, lengths: list[int]) -> Tensor:
     """Head-scatter q/k/v over ``group``, run ``inner`` on ``[B, sum(lengths), H_rank, D]``, scatter back.
 
     ``lengths``: every group rank's number of tokens, in rank order (this rank's is q's length).
+    With a ``PeerExchange`` the exchanged tensors are views of its buffer (``transient``): ``inner``
+    reads q/k/v before the output exchange, and the output is copied out below.
     """
     world = group.size()
     if world == 1:
         return inner(q, k, v)
     heads = split_sizes(q.shape[2], world)
-    q, k, v = all_to_all((q, k, v), group, scatter_dim=2, gather_dim=1, scatter_sizes=heads, gather_sizes=lengths)
+    q, k, v = all_to_all(
+        (q, k, v), group, scatter_dim=2, gather_dim=1, scatter_sizes=heads, gather_sizes=lengths, transient=True
+    )
     out = inner(q, k, v)
-    out = all_to_all((out,), group, scatter_dim=1, gather_dim=2, scatter_sizes=lengths, gather_sizes=heads)[0]
-    return out.contiguous()  # already so for B = 1; for B > 1 the exchange leaves the heads outermost
+    out = all_to_all(
+        (out,), group, scatter_dim=1, gather_dim=2, scatter_sizes=lengths, gather_sizes=heads, transient=True
+    )[0]
+    if out.is_contiguous() and not isinstance(group, PeerExchange):  # NCCL, B = 1: placed contiguously already
+        return out
+    if out.requires_grad:  # autograd does not follow a copy through integer words
+        return out.contiguous()
+    return copy_words(torch.empty(out.shape, dtype=out.dtype, device=out.device), out)
 
 
 def ulysses_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    group: dist.ProcessGroup,
+    group: Group,
     *,
     seq_len: int | Sequence[int] | None = None,
     key_mask: Tensor | None = None,
@@ -66,6 +76,9 @@ def ulysses_attention(
     (``attention.joint``). ``key_mask`` ``[B, L]`` bool (True = attend), the same on every rank,
     masks keys per sample (``joint_key_mask`` ``[B, J]`` the joint tokens); a query with no kept key
     gets output 0. Differentiable; gradients equal the single-device ones.
+
+    ``group``: a process group (NCCL all-to-alls) or a :class:`~xdit_core.PeerExchange` over one
+    (direct writes into the peers' GPU memory; faster on GPUs joined by NVLink).
     """
     call = check_sequence_call(
         q, k, v, group_size=group.size(), group_rank=group.rank(), seq_len=seq_len, key_mask=key_mask,
@@ -78,4 +91,5 @@ def ulysses_attention(
 
         return ulysses_core(q, k, v, group, local, lengths)
 
-    return attend_layout(attend, q, k, v, group, call.lengths, key_mask, call.joint, joint_key_mask)
+    process_group = group.group if isinstance(group, PeerExchange) else group
+    return attend_layout(attend, q, k, v, process_group, call.lengths, key_mask, call.joint, joint_key_mask)

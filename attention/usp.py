@@ -57,6 +57,7 @@ def usp_attention(
         def ring(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             return ring_attention_core(q, k, v, mesh.ring_group, call.scale, call.backend, ring_lengths, keep)
 
-        return ulysses_core(q, k, v, mesh.ulysses_group, ring, lengths[mesh.ring_rank * u : (mesh.ring_rank + 1) * u])
+        mine = lengths[mesh.ring_rank * u : (mesh.ring_rank + 1) * u]
+        return ulysses_core(q, k, v, mesh.ulysses_transport, ring, mine)
 
     return attend_layout(attend, q, k, v, mesh.sp_group, call.lengths, key_mask, call.joint, joint_key_mask)

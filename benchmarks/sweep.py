@@ -240,7 +240,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default CPU float32; GPU bf16)")
     p.add_argument("--backend", default="auto")
-    p.add_argument("--variants", default="ulysses,ring,usp,allgather_kv")
+    p.add_argument(
+        "--variants",
+        default="ulysses,ring,usp,allgather_kv,peer",
+        help="attention variants; peer: Ulysses / USP through a PeerExchange (GPUs only)",
+    )
     p.add_argument("--ulysses-backends", default="", help="also time ulysses with these kernels, e.g. cudnn")
     p.add_argument(
         "--flux-sizes", default=None, help="flux: image sizes in pixels (default CPU 112,128; GPU 1024,2048)"

@@ -33,6 +33,12 @@ def allgather_kv_attention(q, k, v, group: dist.ProcessGroup, lengths: list[int]
 def _variants(mesh: ParallelMesh, args: Any, seq: int) -> Iterator[tuple[str, Callable[..., Any]]]:
     """``(name, fn(q, k, v))``; a name's second word, if it is a backend, is the kernel used."""
     u, r, wanted = mesh.ulysses_size, mesh.ring_size, args.variants
+    if mesh.ulysses_exchange is not None:  # a peer mesh: Ulysses' all-to-alls through symmetric memory
+        if r == 1:
+            yield "ulysses peer", lambda q, k, v: ulysses_attention(q, k, v, mesh.ulysses_exchange, seq_len=seq)
+        else:
+            yield "usp peer", lambda q, k, v: usp_attention(q, k, v, mesh, seq_len=seq)
+        return
     if r == 1 and "ulysses" in wanted:
         group = mesh.ulysses_group
         yield "ulysses", lambda q, k, v: ulysses_attention(q, k, v, group, seq_len=seq)
@@ -60,6 +66,9 @@ def attention_workload(args: Any, timer: Any) -> Iterator[dict]:
     device = timer.device
     meshes = [(u, world // u) for u in range(world, 0, -1) if world % u == 0]
     built = {m: ParallelMesh.build(ulysses=m[0], ring=m[1], device_type=device.type) for m in meshes}
+    if device.type == "cuda" and "peer" in args.variants:  # the same meshes with a PeerExchange
+        for u, r in (m for m in meshes if m[0] > 1):
+            built[(u, r, "peer")] = ParallelMesh.build(ulysses=u, ring=r, peer_exchange=True)
     for seq in args.seq:
         shape = (args.batch, seq, args.heads, args.head_dim)
         label = f"B{shape[0]} S{seq} H{shape[2]} D{shape[3]}"
@@ -87,7 +96,7 @@ def attention_workload(args: Any, timer: Any) -> Iterator[dict]:
                 row = {**common, "backend": name, "variant": f"single {name}", "mesh": "1", **times}
                 yield {**row, "max_err": err, "ok": err <= max(2 * ref_err, 1e-5)}
             continue
-        for (u, r), mesh in built.items():
+        for (u, r, *_), mesh in built.items():
             for variant, fn in _variants(mesh, args, seq):
                 out = fn(q_local, k_local, v_local)
                 err = agreed_max((out.double() - ref.double()).abs().max().item(), device)

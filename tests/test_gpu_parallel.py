@@ -26,7 +26,8 @@ from attention import (
     ulysses_attention,
     usp_attention,
 )
-from xdit_core import ParallelMesh, init_distributed
+from xdit_core import ParallelMesh, PeerExchange, all_to_all, init_distributed, split_sizes
+from xdit_core.graphs import CudaGraphed
 
 pytestmark = [
     pytest.mark.gpu,
@@ -58,10 +59,18 @@ def _meshes(world: int):
             yield u, world // u
 
 
+def _built_meshes(world: int):
+    """Every ulysses × ring mesh, and again with a PeerExchange where there is a ulysses group."""
+    for u, r in _meshes(world):
+        for peer in (False, True) if u > 1 else (False,):
+            yield f"u{u}r{r}{' peer' if peer else ''}", ParallelMesh.build(ulysses=u, ring=r, peer_exchange=peer)
+
+
 def _variants(mesh: ParallelMesh, backend: str, seq: int):
     yield "usp", lambda q, k, v: usp_attention(q, k, v, mesh, seq_len=seq, backend=backend)
     if mesh.ring_size == 1:
-        yield "ulysses", lambda q, k, v: ulysses_attention(q, k, v, mesh.ulysses_group, seq_len=seq, backend=backend)
+        group = mesh.ulysses_transport
+        yield "ulysses", lambda q, k, v: ulysses_attention(q, k, v, group, seq_len=seq, backend=backend)
     if mesh.ulysses_size == 1:
         yield "ring", lambda q, k, v: ring_attention(q, k, v, mesh.ring_group, seq_len=seq, backend=backend)
 
@@ -93,8 +102,7 @@ def test_bf16_forward_backward_flash_rule(ctx, shape, backend):
     single_err = [_rel(single, ref)] + [_rel(a.grad, r.grad) for a, r in zip(single_in, ref_in, strict=True)]
 
     rows = torch.tensor_split(torch.arange(full[1], device=device), world)[rank]
-    for u, r in _meshes(world):
-        mesh = ParallelMesh.build(ulysses=u, ring=r)
+    for label, mesh in _built_meshes(world):
         for name, fn in _variants(mesh, backend, full[1]):
             local = [x[:, rows].clone().requires_grad_() for x in (q, k, v)]
             out = fn(*local)
@@ -104,7 +112,7 @@ def test_bf16_forward_backward_flash_rule(ctx, shape, backend):
             ]
             for what, err, base in zip(("out", "dq", "dk", "dv"), errs, single_err, strict=True):
                 worst = _agreed(err, device)
-                assert worst <= 2 * base + 1e-6, f"{name} u{u}r{r} {backend} {shape}: {what} {worst:.3e} vs {base:.3e}"
+                assert worst <= 2 * base + 1e-6, f"{name} {label} {backend} {shape}: {what} {worst:.3e} vs {base:.3e}"
 
 
 def test_forward_only_backends_in_ring(ctx):
@@ -152,8 +160,7 @@ def test_bf16_joint_tokens_and_key_masks(ctx, masked):
 
     rows = torch.tensor_split(torch.arange(seq, device=device), world)[rank] + joint_len
     masks = {} if mask is None else {"key_mask": mask[:, joint_len:], "joint_key_mask": mask[:, :joint_len]}
-    for u, r in _meshes(world):
-        mesh = ParallelMesh.build(ulysses=u, ring=r)
+    for label, mesh in _built_meshes(world):
         joint = [x[:, :joint_len].clone().requires_grad_() for x in (q, k, v)]
         local = [x[:, rows].clone().requires_grad_() for x in (q, k, v)]
         out, joint_out = usp_attention(*local, mesh, seq_len=seq, joint=tuple(joint), **masks)
@@ -167,4 +174,50 @@ def test_bf16_joint_tokens_and_key_masks(ctx, masked):
             errs[f"joint d{name}"] = (_rel(joint[i].grad, ref_in[i].grad[:, :joint_len]), base[1 + i])
         for what, (err, b_err) in errs.items():
             worst = _agreed(err, device)
-            assert worst <= 2 * b_err + 1e-6, f"u{u}r{r} masked={masked}: {what} {worst:.3e} vs {b_err:.3e}"
+            assert worst <= 2 * b_err + 1e-6, f"{label} masked={masked}: {what} {worst:.3e} vs {b_err:.3e}"
+
+
+def test_peer_all_to_all_equals_nccl(ctx):
+    """The PeerExchange moves exactly what NCCL's all-to-all moves: any dims, uneven sizes, several
+    tensors; views of its buffer (transient) stay right when each is read before the next exchange,
+    including after the buffer grows."""
+    world, device = ctx.world_size, ctx.device
+    group = dist.group.WORLD
+    exchange = PeerExchange(group)
+    gen = torch.Generator(device).manual_seed(7)
+    cases = [  # (shape, scatter_dim, gather_dim, scatter_sizes or None, T)
+        ((1, 64, 8 * world, 128), 2, 1, None, 3),
+        ((2, 33, 5, 64), 2, 1, split_sizes(5, world), 3),
+        ((2, 5 * world, 7, 72), 1, 2, None, 1),
+        ((3, 1009, 3, 40), 1, 2, split_sizes(1009, world), 2),
+        ((1, 4096, 24, 128), 2, 1, split_sizes(24, world), 3),  # grows the buffer
+        ((1, 16, world, 2), 2, 0, None, 1),
+    ]
+    for shape, sd, gd, sizes, count in cases:
+        local = list(shape)
+        local[gd] += dist.get_rank() % 2  # every rank's gather extent differs
+        gathered = [shape[gd] + p % 2 for p in range(world)]
+        tensors = [torch.randn(local, generator=gen, device=device, dtype=torch.bfloat16) for _ in range(count)]
+        kw = {"scatter_dim": sd, "gather_dim": gd, "scatter_sizes": sizes, "gather_sizes": gathered}
+        want = all_to_all(tensors, group, **kw)
+        for transient in (False, True, True):  # alternate slots, then the same data again
+            got = [x.clone() for x in all_to_all(tensors, exchange, transient=transient, **kw)]
+            for a, b in zip(got, want, strict=True):
+                assert a.shape == b.shape and torch.equal(a, b), (shape, sd, gd, sizes, count, transient)
+
+
+def test_peer_ulysses_in_a_cuda_graph(ctx):
+    """Captured once, replayed with new inputs: the same result as eager, bit for bit."""
+    world, device = ctx.world_size, ctx.device
+    exchange = PeerExchange(dist.group.WORLD)
+    gen = torch.Generator(device).manual_seed(3)
+
+    def call(q, k, v):
+        return ulysses_attention(q, k, v, exchange)
+
+    graphed = CudaGraphed(call)
+    for _ in range(3):
+        shape = (1, 512, 4 * world, 128)
+        q, k, v = (torch.randn(shape, generator=gen, device=device, dtype=torch.bfloat16) for _ in range(3))
+        assert torch.equal(graphed(q=q, k=k, v=v), call(q, k, v))
+        assert torch.equal(call(q, k, v), ulysses_attention(q, k, v, dist.group.WORLD))

@@ -12,7 +12,7 @@ from dist_utils import agreed_max, rank_settings, run_ranks, worker_setup
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xdit_core import ParallelMesh, gather_sequence, mesh_coordinates, shard_sequence, sp_index
+from xdit_core import ParallelMesh, PeerExchange, gather_sequence, mesh_coordinates, shard_sequence, sp_index
 from xdit_core.mesh import suggest_meshes
 
 degrees = st.integers(1, 5)
@@ -169,6 +169,7 @@ def _mesh_worker(world: int) -> dict:
     for u, r, b in _factorisations(world):
         mesh = ParallelMesh.build(ulysses=u, ring=r, batch=b)
         _check_mesh(mesh, u, r, b)
+        assert mesh.ulysses_exchange is None and mesh.ulysses_transport is mesh.ulysses_group
         report["meshes"].append(mesh.describe())
         report["examples"][mesh.describe()] = _check_shard_gather(mesh)
     bad = [(world + 1, 1, 1), (1, 2 * world, 1), (1, 1, world + 1), (2, 1, world)]
@@ -181,6 +182,13 @@ def _mesh_worker(world: int) -> dict:
             report["errors"].append(((u, r, b), str(e)))
         else:
             raise AssertionError(f"ParallelMesh.build(ulysses={u}, ring={r}, batch={b}) accepted a world of {world}")
+    for make in (lambda: ParallelMesh.build(ulysses=world, peer_exchange=True), lambda: PeerExchange(dist.group.WORLD)):
+        try:
+            make()
+        except ValueError as e:
+            report["errors"].append(("peer", str(e)))
+        else:
+            raise AssertionError("a PeerExchange was built for gloo CPU processes")
     dist.barrier()  # still in step: no rank entered a collective while failing
     return report
 
@@ -192,7 +200,9 @@ def test_parallel_mesh_groups_and_sequence_layout(world: int):
     assert len(report["meshes"]) == len(_factorisations(world)) == len(set(report["meshes"]))
     assert all(n == 8 for n in report["examples"].values()), report["examples"]
     assert all(r["errors"] == report["errors"] for r in reports)  # the same message on every rank
-    for (u, r, b), message in report["errors"]:
+    peer = [message for key, message in report["errors"] if key == "peer"]
+    assert len(peer) == 2 and "needs a CUDA mesh" in peer[0] and "needs CUDA devices" in peer[1], peer
+    for (u, r, b), message in (e for e in report["errors"] if e[0] != "peer"):
         assert f"ulysses={u} × ring={r} × batch={b} = {u * r * b}" in message
         assert f"world size {world}" in message
         if world % b == 0:

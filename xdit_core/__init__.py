@@ -10,11 +10,13 @@ from xdit_core.collectives import (
 )
 from xdit_core.launch import DistributedContext, init_distributed, spawn
 from xdit_core.mesh import ParallelMesh, mesh_coordinates, sp_index
+from xdit_core.peer import PeerExchange
 from xdit_core.ring_exchange import RingExchange
 
 __all__ = [
     "DistributedContext",
     "ParallelMesh",
+    "PeerExchange",
     "RingExchange",
     "all_gather",
     "all_to_all",

@@ -15,8 +15,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from xdit_core.peer import PeerExchange, as_words
+
 if TYPE_CHECKING:
     from xdit_core.mesh import ParallelMesh
+
+Group = dist.ProcessGroup | PeerExchange
 
 
 def split_sizes(total: int, parts: int) -> list[int]:
@@ -56,18 +60,24 @@ def resolve_lengths(
 
 def _all_to_all_forward(
     tensors: tuple[torch.Tensor, ...],
-    group: dist.ProcessGroup,
+    group: Group,
     scatter_dim: int,
     gather_dim: int,
     scatter_sizes: list[int],
     gather_sizes: list[int],
+    transient: bool = False,
 ) -> tuple[torch.Tensor, ...]:
-    """One ``all_to_all_single`` for all tensors (same shape and dtype).
+    """One ``all_to_all_single`` (or one peer exchange) for all tensors (same shape and dtype).
 
     The block for rank ``p`` is ``[gather, T, rest...]``: this rank's gather-dim entries first, the T
     tensors next, then the remaining dims with ``scatter_sizes[p]`` entries of the scatter dim. The
     received blocks concatenate along their first dim, so every output is a view of the buffer.
     """
+    nd = tensors[0].dim()
+    back = [*range(1, gather_dim + 1), 0, *range(gather_dim + 1, nd)]  # the gather dim back in its place
+    if isinstance(group, PeerExchange):
+        recv = group.exchange(tensors, scatter_dim, gather_dim, scatter_sizes, gather_sizes, transient)
+        return tuple(recv.select(1, t).permute(back) for t in range(len(tensors)))
     world, me = group.size(), group.rank()
     x0 = tensors[0]
     if len(tensors) == 1 and x0.is_contiguous() and math.prod(x0.shape[:scatter_dim]) == 1:
@@ -78,7 +88,6 @@ def _all_to_all_forward(
     for i, n in enumerate(rest):
         numel_rest *= 1 if i == sd_rest else n
     block = len(tensors) * numel_rest  # elements per gather entry and per scatter entry
-    nd = x0.dim()
     if len(set(scatter_sizes)) == 1:  # equal split: one copy kernel
         # view the scatter dim as (rank, entries), then order dims as (rank, gather, rest...)
         split = [*x0.shape[:scatter_dim], world, scatter_sizes[0], *x0.shape[scatter_dim + 1 :]]
@@ -86,7 +95,8 @@ def _all_to_all_forward(
         order = [scatter_dim, g, *(i for i in range(nd + 1) if i not in (scatter_dim, g))]
         parts = [x.reshape(split).permute(order) for x in tensors]  # [P, gather, rest...] each
         send = x0.new_empty((*parts[0].shape[:2], len(tensors), *parts[0].shape[2:]))
-        torch.stack(parts, dim=2, out=send)  # into a contiguous buffer: one copy kernel
+        send_w, *parts_w = as_words(send, *parts)
+        torch.stack(parts_w, dim=2, out=send_w)  # into a contiguous buffer: one copy kernel per tensor
         send = send.view(-1)
     else:
         send = x0.new_empty(x0.shape[gather_dim] * sum(scatter_sizes) * block)
@@ -95,8 +105,11 @@ def _all_to_all_forward(
             count = x0.shape[gather_dim] * size * block
             shape = [x0.shape[gather_dim], len(tensors), *rest]
             shape[2 + sd_rest] = size
-            view = send[offset : offset + count].view(shape)
-            torch.stack([x.narrow(scatter_dim, start, size).movedim(gather_dim, 0) for x in tensors], 1, out=view)
+            view, *parts = as_words(
+                send[offset : offset + count].view(shape),
+                *(x.narrow(scatter_dim, start, size).movedim(gather_dim, 0) for x in tensors),
+            )
+            torch.stack(parts, 1, out=view)
             offset, start = offset + count, start + size
     recv_shape = [sum(gather_sizes), len(tensors), *rest]
     recv_shape[2 + sd_rest] = scatter_sizes[me]
@@ -107,7 +120,6 @@ def _all_to_all_forward(
         send_counts = [x0.shape[gather_dim] * size * block for size in scatter_sizes]
         recv_counts = [size * scatter_sizes[me] * block for size in gather_sizes]
         dist.all_to_all_single(recv.view(-1), send, recv_counts, send_counts, group=group)
-    back = [*range(1, gather_dim + 1), 0, *range(gather_dim + 1, nd)]  # the gather dim back in its place
     return tuple(recv.select(1, t).permute(back) for t in range(len(tensors)))
 
 
@@ -161,12 +173,13 @@ class _AllToAll(torch.autograd.Function):
 
 def all_to_all(
     tensors: list[torch.Tensor] | tuple[torch.Tensor, ...],
-    group: dist.ProcessGroup,
+    group: Group,
     *,
     scatter_dim: int,
     gather_dim: int,
     scatter_sizes: list[int] | None = None,
     gather_sizes: list[int] | None = None,
+    transient: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Scatter ``scatter_dim`` and gather ``gather_dim`` across ``group``, in one collective.
 
@@ -177,6 +190,13 @@ def all_to_all(
     gather_dim=1`` becomes ``[B, S, H/P, D]``; uneven sizes give uneven heads and lengths, exactly.
     Every rank must pass the same size lists. All tensors must share shape, dtype and device (q, k
     and v travel together). Outputs are views of one receive buffer. Differentiable.
+
+    ``group`` is a process group (NCCL / gloo ``all_to_all_single``) or a
+    :class:`~xdit_core.peer.PeerExchange` (direct writes into the peers' symmetric memory). With a
+    ``PeerExchange`` the outputs are copied out of its buffer, unless ``transient=True`` and no
+    gradient is needed: then they are views of the buffer, kernels that read them must be issued
+    before the next exchange on that ``PeerExchange``, and transient exchanges come in pairs
+    (``xdit_core.peer``'s notes). Ulysses uses that for its two exchanges.
     """
     tensors = tuple(tensors)
     if not tensors:
@@ -217,7 +237,7 @@ def all_to_all(
     if world == 1:
         return tensors
     if not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors)):  # inference: skip autograd's cost
-        return _all_to_all_forward(tensors, group, scatter_dim, gather_dim, scatter_sizes, gather_sizes)
+        return _all_to_all_forward(tensors, group, scatter_dim, gather_dim, scatter_sizes, gather_sizes, transient)
     return _AllToAll.apply(group, scatter_dim, gather_dim, scatter_sizes, gather_sizes, *tensors)
 
 

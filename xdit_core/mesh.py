@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from xdit_core.peer import PeerExchange
+
 AXES = ("batch", "ring", "ulysses")
 
 
@@ -54,6 +56,8 @@ class ParallelMesh:
     Build it with :meth:`build`; every communicating function takes it (or one of its groups)
     explicitly. ``sp_group`` spans ``ring × ulysses`` (the ranks that share one sequence);
     ``world_group`` spans every rank of the mesh (what the VAE decoder splits its rows over).
+    ``ulysses_exchange`` is the ulysses group's :class:`PeerExchange` if the mesh was built with
+    ``peer_exchange=True`` (``None`` otherwise); ``ulysses_transport`` is what Ulysses uses.
     """
 
     device_mesh: DeviceMesh
@@ -68,6 +72,12 @@ class ParallelMesh:
     ulysses_rank: int
     ring_rank: int
     batch_rank: int
+    ulysses_exchange: PeerExchange | None = None
+
+    @property
+    def ulysses_transport(self) -> dist.ProcessGroup | PeerExchange:
+        """The ulysses group's all-to-all transport: its ``PeerExchange`` if there is one, else the group."""
+        return self.ulysses_group if self.ulysses_exchange is None else self.ulysses_exchange
 
     @property
     def sp_size(self) -> int:
@@ -84,10 +94,21 @@ class ParallelMesh:
         return self.sp_size * self.batch_size
 
     @classmethod
-    def build(cls, *, ulysses: int = 1, ring: int = 1, batch: int = 1, device_type: str | None = None) -> ParallelMesh:
+    def build(
+        cls,
+        *,
+        ulysses: int = 1,
+        ring: int = 1,
+        batch: int = 1,
+        device_type: str | None = None,
+        peer_exchange: bool = False,
+    ) -> ParallelMesh:
         """Build the mesh over the current world; ``ulysses * ring * batch`` must equal its size.
 
         ``device_type`` defaults to ``"cuda"`` for an NCCL world and ``"cpu"`` otherwise.
+        ``peer_exchange=True`` (CUDA, the ulysses group's GPUs able to map each other's memory, as
+        over NVLink): Ulysses' all-to-alls write straight into the peers' memory
+        (:class:`PeerExchange`) instead of going through NCCL. No effect when ``ulysses == 1``.
         """
         _check_degrees(ulysses, ring, batch)
         if not dist.is_initialized():
@@ -108,15 +129,18 @@ class ParallelMesh:
             )
         if device_type is None:
             device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        if peer_exchange and device_type != "cuda":
+            raise ValueError(f"peer_exchange=True needs a CUDA mesh (symmetric memory), not {device_type!r}")
         device_mesh = init_device_mesh(device_type, (batch, ring, ulysses), mesh_dim_names=AXES)
         batch_rank, ring_rank, ulysses_rank = mesh_coordinates(dist.get_rank(), ulysses=ulysses, ring=ring, batch=batch)
         sp = ulysses * ring
         # Every rank must create every sp group, in the same order.
         sp_group, _ = dist.new_subgroups_by_enumeration([list(range(b * sp, (b + 1) * sp)) for b in range(batch)])
+        ulysses_group = device_mesh.get_group("ulysses")
         return cls(
             device_mesh=device_mesh,
             world_group=dist.group.WORLD,  # the mesh spans the whole world (checked above)
-            ulysses_group=device_mesh.get_group("ulysses"),
+            ulysses_group=ulysses_group,
             ring_group=device_mesh.get_group("ring"),
             batch_group=device_mesh.get_group("batch"),
             sp_group=sp_group,
@@ -126,6 +150,7 @@ class ParallelMesh:
             ulysses_rank=ulysses_rank,
             ring_rank=ring_rank,
             batch_rank=batch_rank,
+            ulysses_exchange=PeerExchange(ulysses_group) if peer_exchange and ulysses > 1 else None,
         )
 
     def describe(self) -> str:
