@@ -39,6 +39,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--text", choices=("shard", "replicate"), default="shard", help="text tokens sharded or replicated")
     p.add_argument("--cuda-graph", action="store_true", help="replay each step from a CUDA graph (GPUs)")
     p.add_argument(
+        "--peer-exchange", action="store_true", help="Ulysses all-to-alls into the peer GPUs' memory (one NVLink host)"
+    )
+    p.add_argument(
         "--vae-tile-rows", type=int, default=None, help="decode in slabs of this many rows (less memory; exact)"
     )
     p.add_argument("--plain-vae", action="store_true", help="decode on every rank alone (no parallel VAE)")
@@ -50,7 +53,7 @@ def main() -> None:
     args = parse_args()
     ctx = init_distributed()
     ulysses = args.ulysses or ctx.world_size // (args.ring * args.batch)
-    mesh = ParallelMesh.build(ulysses=ulysses, ring=args.ring, batch=args.batch)
+    mesh = ParallelMesh.build(ulysses=ulysses, ring=args.ring, batch=args.batch, peer_exchange=args.peer_exchange)
     tiny = args.model_path is None
     dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
     if tiny:

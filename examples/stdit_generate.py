@@ -46,6 +46,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1024)
     p.add_argument("--fps", type=int, default=24)
     p.add_argument("--ulysses", type=int, default=None, help="ulysses degree (default: ranks / (ring × batch))")
+    p.add_argument(
+        "--peer-exchange", action="store_true", help="Ulysses all-to-alls into the peer GPUs' memory (one NVLink host)"
+    )
     p.add_argument("--ring", type=int, default=1)
     p.add_argument("--batch", type=int, default=None, help="CFG pair axis: 1 or 2 (default 2 on an even rank count)")
     p.add_argument("--spatial", choices=("usp", "dsp"), default="usp", help="spatial attention across ranks")
@@ -73,7 +76,7 @@ def main() -> None:
     ctx = init_distributed()
     batch = args.batch or (2 if ctx.world_size % 2 == 0 else 1)
     ulysses = args.ulysses or ctx.world_size // (args.ring * batch)
-    mesh = ParallelMesh.build(ulysses=ulysses, ring=args.ring, batch=batch)
+    mesh = ParallelMesh.build(ulysses=ulysses, ring=args.ring, batch=batch, peer_exchange=args.peer_exchange)
     if args.tiny:
         pipe = tiny_opensora_pipeline(seed=0).to(ctx.device)
     else:
