@@ -20,8 +20,9 @@ from attention.checks import check_sequence_call
 from attention.joint import attend_layout
 from attention.local import run_masked
 from attention.masking import Keep, block_keep
+from xdit_core.blocks import copy_words
 from xdit_core.collectives import Group, all_to_all, split_sizes
-from xdit_core.peer import PeerExchange, copy_words
+from xdit_core.peer import PeerExchange
 
 Tensor = torch.Tensor
 Inner = Callable[[Tensor, Tensor, Tensor], Tensor]

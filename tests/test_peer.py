@@ -1,5 +1,6 @@
-"""``xdit_core.peer`` on the CPU: wide-word copies (``as_words`` / ``copy_words``) move the same bytes
-whatever the layout, and ``PeerExchange.exchange`` puts every block where the all-to-all layout says.
+"""``xdit_core.blocks`` and ``xdit_core.peer`` on the CPU: wide-word copies (``as_words`` /
+``copy_words``) move the same bytes whatever the layout, and ``PeerExchange.exchange`` puts every
+block where the all-to-all layout says.
 
 The exchange itself needs CUDA symmetric memory (its GPU tests are in ``test_gpu_parallel.py``);
 here P simulated ranks share plain CPU byte buffers as their "peer mappings" and a barrier that
@@ -13,8 +14,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from xdit_core.blocks import as_words, copy_words
 from xdit_core.collectives import split_sizes
-from xdit_core.peer import PeerExchange, as_words, copy_words
+from xdit_core.peer import PeerExchange
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.int8, torch.float64]
 

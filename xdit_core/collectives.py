@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from xdit_core.peer import PeerExchange, as_words
+from xdit_core.blocks import as_words, block_shape, block_words, pack_block
+from xdit_core.peer import PeerExchange
 
 if TYPE_CHECKING:
     from xdit_core.mesh import ParallelMesh
@@ -82,43 +83,40 @@ def _all_to_all_forward(
     x0 = tensors[0]
     if len(tensors) == 1 and x0.is_contiguous() and math.prod(x0.shape[:scatter_dim]) == 1:
         return (_exchange_in_place(x0, group, scatter_dim, gather_dim, scatter_sizes, gather_sizes),)
-    rest = [x0.shape[i] for i in range(x0.dim()) if i != gather_dim]
-    sd_rest = scatter_dim if scatter_dim < gather_dim else scatter_dim - 1  # scatter dim's place in rest
-    numel_rest = 1
-    for i, n in enumerate(rest):
-        numel_rest *= 1 if i == sd_rest else n
-    block = len(tensors) * numel_rest  # elements per gather entry and per scatter entry
+    count = len(tensors)
+
+    def numel(rows: int, scatter: int) -> int:  # of one block
+        return math.prod(block_shape(x0.shape, count, scatter_dim, gather_dim, rows, scatter))
+
     if len(set(scatter_sizes)) == 1:  # equal split: one copy kernel
         # view the scatter dim as (rank, entries), then order dims as (rank, gather, rest...)
         split = [*x0.shape[:scatter_dim], world, scatter_sizes[0], *x0.shape[scatter_dim + 1 :]]
         g = gather_dim if gather_dim < scatter_dim else gather_dim + 1
         order = [scatter_dim, g, *(i for i in range(nd + 1) if i not in (scatter_dim, g))]
         parts = [x.reshape(split).permute(order) for x in tensors]  # [P, gather, rest...] each
-        send = x0.new_empty((*parts[0].shape[:2], len(tensors), *parts[0].shape[2:]))
+        send = x0.new_empty((*parts[0].shape[:2], count, *parts[0].shape[2:]))
         send_w, *parts_w = as_words(send, *parts)
         torch.stack(parts_w, dim=2, out=send_w)  # into a contiguous buffer: one copy kernel per tensor
         send = send.view(-1)
     else:
-        send = x0.new_empty(x0.shape[gather_dim] * sum(scatter_sizes) * block)
+        words = block_words(tensors, scatter_dim, gather_dim)
+        shapes = [
+            block_shape(words[0].shape, count, scatter_dim, gather_dim, x0.shape[gather_dim], s) for s in scatter_sizes
+        ]
+        send_w = words[0].new_empty(sum(math.prod(shape) for shape in shapes))
         offset = start = 0
-        for size in scatter_sizes:
-            count = x0.shape[gather_dim] * size * block
-            shape = [x0.shape[gather_dim], len(tensors), *rest]
-            shape[2 + sd_rest] = size
-            view, *parts = as_words(
-                send[offset : offset + count].view(shape),
-                *(x.narrow(scatter_dim, start, size).movedim(gather_dim, 0) for x in tensors),
+        for size, shape in zip(scatter_sizes, shapes, strict=True):
+            pack_block(
+                words, scatter_dim, gather_dim, start, size, send_w[offset : offset + math.prod(shape)].view(shape)
             )
-            torch.stack(parts, 1, out=view)
-            offset, start = offset + count, start + size
-    recv_shape = [sum(gather_sizes), len(tensors), *rest]
-    recv_shape[2 + sd_rest] = scatter_sizes[me]
-    recv = send.new_empty(recv_shape)
+            offset, start = offset + math.prod(shape), start + size
+        send = send_w.view(x0.dtype)
+    recv = send.new_empty(block_shape(x0.shape, count, scatter_dim, gather_dim, sum(gather_sizes), scatter_sizes[me]))
     if len(set(scatter_sizes)) == 1 and len(set(gather_sizes)) == 1:
         dist.all_to_all_single(recv.view(-1), send, group=group)
     else:
-        send_counts = [x0.shape[gather_dim] * size * block for size in scatter_sizes]
-        recv_counts = [size * scatter_sizes[me] * block for size in gather_sizes]
+        send_counts = [numel(x0.shape[gather_dim], size) for size in scatter_sizes]
+        recv_counts = [numel(rows, scatter_sizes[me]) for rows in gather_sizes]
         dist.all_to_all_single(recv.view(-1), send, recv_counts, send_counts, group=group)
     return tuple(recv.select(1, t).permute(back) for t in range(len(tensors)))
 

@@ -6,7 +6,7 @@ that can map each other's memory (NVLink), a :class:`PeerExchange` gives every r
 symmetric buffer (``torch.distributed._symmetric_memory``). The packing kernels then write each
 block straight into the buffer of the rank that needs it, one barrier kernel tells every rank that
 all blocks have arrived, and the receiver's kernels read them where they landed: one pass, no send
-buffer, no separate transfer kernel. The copies move 8-byte words (:func:`as_words`).
+buffer, no separate transfer kernel. The copies move 8-byte words (``xdit_core.blocks``).
 
 Why writes never overwrite what a peer still reads: the buffer holds two slots. Every exchange
 ends with a barrier kernel. A *transient* exchange returns a view of the slot it filled, and the
@@ -28,42 +28,9 @@ import math
 import torch
 import torch.distributed as dist
 
-_WORDS = ((8, torch.int64), (4, torch.int32))
+from xdit_core.blocks import block_shape, block_words, pack_block
+
 _ALIGN = 2**20  # slot sizes are rounded up to this many bytes (and so every slot starts aligned)
-
-
-def _word_ok(t: torch.Tensor, nbytes: int) -> bool:
-    es = t.element_size()
-    if es >= nbytes or t.dim() == 0:
-        return False
-    stride, per_word = t.stride(), nbytes // es
-    return (
-        stride[-1] == 1
-        and t.shape[-1] % per_word == 0
-        and all(s % per_word == 0 for s in stride[:-1])
-        and t.data_ptr() % nbytes == 0
-    )
-
-
-def as_words(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The tensors with their last dim viewed as 8-byte (else 4-byte) words, if every one allows it.
-
-    A copy between such views moves the same bytes in a quarter (bf16) of the elements: PyTorch's
-    kernel for strided copies handles one element per thread step, so wide words make it several
-    times faster. Tensors that do not allow it (last dim not contiguous, odd sizes, misaligned) are
-    returned as they are.
-    """
-    for nbytes, dtype in _WORDS:
-        if all(_word_ok(t, nbytes) for t in tensors):
-            return tuple(t.view(dtype) for t in tensors)
-    return tensors
-
-
-def copy_words(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """``dst.copy_(src)`` (same dtype and shape), moving wide words where the layouts allow."""
-    d, s = as_words(dst, src)
-    d.copy_(s)
-    return dst
 
 
 class PeerExchange:
@@ -147,44 +114,32 @@ class PeerExchange:
         """
         x0 = tensors[0]
         count = len(tensors)
-        rest = [n for i, n in enumerate(x0.shape) if i != gather_dim]
-        sd_rest = scatter_dim if scatter_dim < gather_dim else scatter_dim - 1
 
-        def block_numel(rows: int, scatter: int) -> int:  # elements of one [rows, T, rest] block
-            return rows * count * math.prod(rest) // max(x0.shape[scatter_dim], 1) * scatter
+        def nbytes(rows: int, scatter: int) -> int:  # of one block
+            return math.prod(block_shape(x0.shape, count, scatter_dim, gather_dim, rows, scatter)) * x0.element_size()
 
         me = self._rank
-        total = [block_numel(sum(gather_sizes), s) for s in scatter_sizes]  # each rank's receive size
-        recv_shape = [sum(gather_sizes), count, *rest]
-        recv_shape[2 + sd_rest] = scatter_sizes[me]
+        total = [nbytes(sum(gather_sizes), s) for s in scatter_sizes]  # each rank's receive size
+        recv_shape = block_shape(x0.shape, count, scatter_dim, gather_dim, sum(gather_sizes), scatter_sizes[me])
         if max(total) == 0:  # nothing to move on any rank
             return x0.new_empty(recv_shape)
-        self._reserve(max(total) * x0.element_size())
+        self._reserve(max(total))
         slot = self._turn * self._slot_bytes
         starts = [sum(scatter_sizes[:r]) for r in range(self._size)]
         before = sum(gather_sizes[:me])  # rows of the ranks before this one, in every receiver's buffer
-        # Copy in words: decided once for the inputs (the blocks start at multiples of the last dim,
-        # so they are as aligned as the slot), unless the last dim is the one being cut or moved.
-        last = x0.dim() - 1
-        words = as_words(*tensors) if last not in (scatter_dim, gather_dim) else tensors
-        word, per_word = words[0].dtype, words[0].element_size() // x0.element_size()
+        words = block_words(tensors, scatter_dim, gather_dim)
         for i in range(self._size):
             # Rank p writes to p, p + 1, ...: at every step each rank feeds a different receiver, so
             # no receiver's links are shared by several writers while others idle.
             r = (me + i) % self._size
             size, start = scatter_sizes[r], starts[r]
             if size and gather_sizes[me]:
-                shape = [gather_sizes[me], count, *rest]
-                shape[2 + sd_rest] = size
-                shape[-1] //= per_word
-                first = slot + block_numel(before, size) * x0.element_size()
-                nbytes = block_numel(gather_sizes[me], size) * x0.element_size()
-                dst = self._view(r, first, nbytes, word, shape)
-                parts = [x.narrow(scatter_dim, start, size).movedim(gather_dim, 0) for x in words]
-                torch.stack(parts, 1, out=dst)
+                shape = block_shape(words[0].shape, count, scatter_dim, gather_dim, gather_sizes[me], size)
+                first = slot + nbytes(before, size)
+                dst = self._view(r, first, nbytes(gather_sizes[me], size), words[0].dtype, shape)
+                pack_block(words, scatter_dim, gather_dim, start, size, dst)
         self._handle.barrier(channel=0)
-        nbytes = total[me] * x0.element_size()
-        recv = self._view(me, slot, nbytes, x0.dtype, recv_shape)
+        recv = self._view(me, slot, total[me], x0.dtype, recv_shape)
         if transient:
             self._turn ^= 1
             return recv
