@@ -77,6 +77,40 @@ def _bhsd(*xs: Tensor) -> list[Tensor]:
     return [x.transpose(1, 2) for x in xs]
 
 
+_ALIGN_BYTES = 16  # GPU kernels load 16-byte vectors: row starts must be aligned to them
+
+
+def kernel_layout(x: Tensor) -> Tensor:
+    """``x`` as the kernels can read it: unchanged when it already fits, else a contiguous copy.
+
+    Every kernel reads the head dim as one dense run (stride 1); the GPU kernels also load every
+    row (and the start) in aligned 16-byte vectors and take no broadcast (stride 0) dims. Views that
+    break this (``x[..., ::2]``, an offset slice of the head dim, ``expand``) are copied; layouts
+    such as ``transpose(1, 2)`` of a contiguous tensor pass through with no copy.
+    """
+    if x.dim() == 0 or x.shape[-1] <= 1:
+        return x
+    if x.stride(-1) != 1:
+        return x.contiguous()
+    if x.device.type == "cuda":
+        unit = _ALIGN_BYTES // x.element_size()
+        if x.data_ptr() % _ALIGN_BYTES or any(
+            (st % unit or st == 0) for st, n in zip(x.stride()[:-1], x.shape[:-1], strict=True) if n > 1
+        ):
+            return x.contiguous()
+    return x
+
+
+def _any_layout(kernel: Callable[..., tuple[Tensor, ...]]) -> Callable[..., tuple[Tensor, ...]]:
+    """``kernel`` accepting any strides: tensor arguments pass through :func:`kernel_layout` first."""
+
+    @functools.wraps(kernel)
+    def run(*args: object) -> tuple[Tensor, ...]:
+        return kernel(*(kernel_layout(a) if isinstance(a, Tensor) else a for a in args))
+
+    return run
+
+
 # ----------------------------------------------------------------------------------------- math
 def _math_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -243,14 +277,18 @@ def _fa2_reject(call: AttentionCall) -> str | None:
     return mod if isinstance(mod, str) else _gpu_half(call, min_cc=(8, 0), max_dim=256)
 
 
-BACKENDS: tuple[Backend, ...] = (
-    Backend("fa3", _fa3_forward, None, _fa3_reject),
-    Backend("cudnn", _cudnn_forward, _cudnn_backward, _cudnn_reject),
-    Backend("fa2", _fa2_forward, None, _fa2_reject),
-    Backend("flash", _torch_flash_forward, _torch_flash_backward, _torch_flash_reject),
-    Backend("efficient", _efficient_forward, _efficient_backward, _efficient_reject),
-    Backend("cpu_flash", _cpu_flash_forward, _cpu_flash_backward, _cpu_flash_reject),
-    Backend("math", _math_forward, _math_backward, lambda call: None),
+# Every kernel is wrapped by ``_any_layout``: inputs of any strides are made readable (or passed as they are).
+BACKENDS: tuple[Backend, ...] = tuple(
+    Backend(name, _any_layout(fwd), None if bwd is None else _any_layout(bwd), reject)
+    for name, fwd, bwd, reject in (
+        ("fa3", _fa3_forward, None, _fa3_reject),
+        ("cudnn", _cudnn_forward, _cudnn_backward, _cudnn_reject),
+        ("fa2", _fa2_forward, None, _fa2_reject),
+        ("flash", _torch_flash_forward, _torch_flash_backward, _torch_flash_reject),
+        ("efficient", _efficient_forward, _efficient_backward, _efficient_reject),
+        ("cpu_flash", _cpu_flash_forward, _cpu_flash_backward, _cpu_flash_reject),
+        ("math", _math_forward, _math_backward, lambda call: None),
+    )
 )
 BACKEND_NAMES: tuple[str, ...] = tuple(b.name for b in BACKENDS)
 
