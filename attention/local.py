@@ -12,19 +12,20 @@ Tensor = torch.Tensor
 
 
 def lse_backward(
-    backend: Backend, dlse: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, scale: float
+    backend: Backend, dlse: Tensor, q: Tensor, k: Tensor, lse: Tensor, scale: float, keep: Keep | None = None
 ) -> tuple[Tensor, Tensor]:
     """``(dq, dk)`` from a gradient of the lse ``[B, H, S_q]``, through the backend's own backward kernel.
 
     ``d lse_i / d s_ij = p_ij``, so the score gradient is ``p_ij * dlse_i``. A flash-style backward
     computes ``ds = p * (dout·v_j - rowsum(dout * out))``: with ``v_j = e_0`` for every key,
-    ``dout_i = dlse_i e_0`` and ``out = 0`` that is exactly ``p_ij * dlse_i``.
+    ``dout_i = dlse_i e_0`` and ``out = 0`` that is exactly ``p_ij * dlse_i``. ``lse`` may be that
+    of a larger key set (ring attention's merged lse): ``p`` is then the share of these keys.
     """
-    v_unit = torch.zeros_like(v)
+    v_unit = torch.zeros_like(k)
     v_unit[..., 0] = 1
     dout = torch.zeros_like(q)
     dout[..., 0] = dlse.transpose(1, 2).to(q.dtype)
-    dq, dk, _ = backend.backward(dout, q, k, v_unit, torch.zeros_like(q), lse, scale)
+    dq, dk, _ = masked_backward(backend, dout, q, k, v_unit, torch.zeros_like(q), lse, scale, keep)
     return dq, dk
 
 
@@ -45,7 +46,7 @@ class _AttentionWithLse(torch.autograd.Function):
         if dout is not None:
             dq, dk, dv = backend.backward(dout, q, k, v, out, lse, ctx.scale)
         if dlse is not None:
-            dq_l, dk_l = lse_backward(backend, dlse, q, k, v, lse, ctx.scale)
+            dq_l, dk_l = lse_backward(backend, dlse, q, k, lse, ctx.scale)
             dq = dq_l if dq is None else dq + dq_l
             dk = dk_l if dk is None else dk + dk_l
             dv = torch.zeros_like(v) if dv is None else dv
@@ -69,7 +70,7 @@ def attention_with_lse(
     output 0, lse -inf). ``scale`` defaults to ``D**-0.5``. ``backend`` is ``"auto"`` (fastest that
     fits) or a name from ``BACKEND_NAMES``. Differentiable in q, k, v through both outputs.
     """
-    check_qkv(q, k, v, self_attention=False, what="attention_with_lse")
+    check_qkv(q, k, v, what="attention_with_lse")
     keep = None
     if key_mask is not None:
         keep = keep_lists(check_key_mask(key_mask, k.shape[0], k.shape[1], "attention_with_lse"))
@@ -123,11 +124,17 @@ def run_backend(backend: Backend, q: Tensor, k: Tensor, v: Tensor, scale: float)
     """``(out, lse)`` from an already chosen backend; differentiable when q, k or v need gradients.
 
     Empty work (no queries or no heads on this rank, or no keys) runs no kernel: the output is zeros
-    (still connected to q, so the backward pass reaches every collective) and the lse is ``-inf``.
+    and the lse ``-inf`` (with gradients: still connected to q, k and v, so the backward pass reaches
+    every collective).
     """
     if q.shape[1] == 0 or q.shape[2] == 0 or k.shape[1] == 0:
         lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), device=q.device)
-        return q * 0, lse
+        if not needs_grad(q, k, v):
+            return torch.zeros_like(q), lse
+        # Both results depend on q, k and v (with zero gradients) on every rank, so the collectives
+        # that follow take their autograd path on every rank alike.
+        zero = (q.sum() + k.sum() + v.sum()) * 0
+        return q * 0 + zero, lse + zero.float()
     if not needs_grad(q, k, v):
         return backend.forward(q, k, v, scale)
     return _AttentionWithLse.apply(q, k, v, scale, backend)

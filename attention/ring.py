@@ -17,9 +17,10 @@ import torch.distributed as dist
 from attention.backends import Backend
 from attention.checks import check_sequence_call, needs_grad
 from attention.joint import attend_layout
-from attention.local import masked_backward, run_masked
+from attention.local import lse_backward, masked_backward, run_masked
 from attention.masking import Keep, block_keep
 from attention.merge import merge_attention_
+from xdit_core.collectives import reduce_gradients
 from xdit_core.ring_exchange import RingExchange
 
 Tensor = torch.Tensor
@@ -80,10 +81,11 @@ class _RingAttention(torch.autograd.Function):
         out, lse = _ring_forward(q, k, v, group, scale, backend, lengths, keep)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.group, ctx.scale, ctx.backend, ctx.lengths, ctx.keep = group, scale, backend, lengths, keep
-        return out
+        ctx.set_materialize_grads(False)
+        return out, lse
 
     @staticmethod
-    def backward(ctx, dout):  # type: ignore[override]
+    def backward(ctx, dout, dlse):  # type: ignore[override]
         q, k, v, out, lse = ctx.saved_tensors
         backend: Backend = ctx.backend
         lengths: list[int] = ctx.lengths
@@ -103,12 +105,18 @@ class _RingAttention(torch.autograd.Function):
                 dkv = grad_ring.wait()  # the gradient buffer of the block we now hold
             if work and rows:
                 kept = block_keep(ctx.keep, starts[src], starts[src] + rows, q.device)
-                block_dq, block_dk, block_dv = masked_backward(
-                    backend, dout, q, kv[0, :, :rows], kv[1, :, :rows], out, lse, ctx.scale, kept
-                )
-                dq += block_dq
-                dkv[0, :, :rows] += block_dk
-                dkv[1, :, :rows] += block_dv
+                k_block, v_block = kv[0, :, :rows], kv[1, :, :rows]
+                if dout is not None:
+                    block_dq, block_dk, block_dv = masked_backward(
+                        backend, dout, q, k_block, v_block, out, lse, ctx.scale, kept
+                    )
+                    dq += block_dq
+                    dkv[0, :, :rows] += block_dk
+                    dkv[1, :, :rows] += block_dv
+                if dlse is not None:  # d lse_i / d s_ij = p_ij, with p from the merged lse
+                    block_dq, block_dk = lse_backward(backend, dlse, q, k_block, lse, ctx.scale, kept)
+                    dq += block_dq
+                    dkv[0, :, :rows] += block_dk
             grad_ring.start(dkv)
             if not last:
                 kv = kv_ring.wait()
@@ -123,19 +131,25 @@ def ring_attention_core(
     group: dist.ProcessGroup,
     scale: float,
     backend: Backend,
-    lengths: list[int],
+    kv_lengths: list[int] | None,
     keep: Keep | None = None,
-) -> Tensor:
-    """Ring attention on validated inputs with a chosen backend.
+    with_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Ring attention on validated inputs with a chosen backend: ``out``, or ``(out, lse)`` ``with_lse``.
 
-    ``lengths``: every rank's tokens; ``keep``: per sample, the kept key positions in the order of
-    the ranks' blocks (``None``: no mask).
+    ``kv_lengths``: every rank's key/value tokens (``None``: every rank holds all of them, and
+    nothing travels; their gradients are summed over the group); ``keep``: per sample, the kept key
+    positions in the order of the ranks' blocks (``None``: no mask).
     """
-    if group.size() == 1:
-        return run_masked(backend, q, k, v, scale, block_keep(keep, 0, k.shape[1], q.device))[0]
-    if needs_grad(q, k, v):
-        return _RingAttention.apply(q, k, v, group, scale, backend, lengths, keep)
-    return _ring_forward(q, k, v, group, scale, backend, lengths, keep)[0]
+    if kv_lengths is None or group.size() == 1:
+        if kv_lengths is None:
+            k, v = reduce_gradients(k, group), reduce_gradients(v, group)
+        out, lse = run_masked(backend, q, k, v, scale, block_keep(keep, 0, k.shape[1], q.device))
+    elif needs_grad(q, k, v):
+        out, lse = _RingAttention.apply(q, k, v, group, scale, backend, kv_lengths, keep)
+    else:
+        out, lse = _ring_forward(q, k, v, group, scale, backend, kv_lengths, keep)
+    return (out, lse) if with_lse else out
 
 
 def ring_attention(
@@ -145,12 +159,16 @@ def ring_attention(
     group: dist.ProcessGroup,
     *,
     seq_len: int | Sequence[int] | None = None,
+    kv_seq_len: int | Sequence[int] | None = None,
+    kv_replicated: bool = False,
     key_mask: Tensor | None = None,
     joint: tuple[Tensor, Tensor, Tensor] | None = None,
     joint_key_mask: Tensor | None = None,
     scale: float | None = None,
     backend: str = "auto",
-) -> Tensor | tuple[Tensor, Tensor]:
+    return_lse: bool = False,
+    check_ranks: bool = True,
+) -> Tensor | tuple[Tensor, ...]:
     """Exact attention over a sequence sharded across ``group`` by rotating k/v blocks.
 
     q, k, v ``[B, S_local, H, D]``: rank ``i`` of ``group`` holds chunk ``i`` of the sequence.
@@ -158,15 +176,19 @@ def ring_attention(
     layout; or every rank's length): blocks travel padded to the longest and only their real rows
     are attended. Returns ``[B, S_local, H, D]``, this rank's rows of the full-sequence attention;
     with ``joint`` (replicated tokens, as in ``ulysses_attention``) ``(out, joint_out)``.
-    ``key_mask`` / ``joint_key_mask`` as in ``ulysses_attention``. Any head count. Differentiable;
-    gradients equal the single-device ones.
+    ``key_mask`` / ``joint_key_mask``, ``kv_seq_len`` / ``kv_replicated`` (cross-attention),
+    ``return_lse`` and ``check_ranks`` as in ``ulysses_attention``. Any head count.
+    Differentiable; gradients equal the single-device ones.
     """
     call = check_sequence_call(
-        q, k, v, group_size=group.size(), group_rank=group.rank(), seq_len=seq_len, key_mask=key_mask,
-        joint=joint, joint_key_mask=joint_key_mask, scale=scale, backend=backend, what="ring_attention",
+        q, k, v, group=group, group_rank=group.rank(), seq_len=seq_len, kv_seq_len=kv_seq_len,
+        kv_replicated=kv_replicated, key_mask=key_mask, joint=joint, joint_key_mask=joint_key_mask, scale=scale,
+        backend=backend, return_lse=return_lse, check_ranks=check_ranks, what="ring_attention",
     )  # fmt: skip
 
-    def attend(q: Tensor, k: Tensor, v: Tensor, lengths: list[int], keep: Keep | None) -> Tensor:
-        return ring_attention_core(q, k, v, group, call.scale, call.backend, lengths, keep)
+    def attend(
+        q: Tensor, k: Tensor, v: Tensor, lengths: list[int], kv_lengths: list[int] | None, keep: Keep | None
+    ) -> tuple[Tensor, Tensor]:
+        return ring_attention_core(q, k, v, group, call.scale, call.backend, kv_lengths, keep, with_lse=True)
 
-    return attend_layout(attend, q, k, v, group, call.lengths, key_mask, call.joint, joint_key_mask)
+    return attend_layout(attend, q, k, v, group, call, return_lse)

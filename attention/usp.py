@@ -30,34 +30,54 @@ def usp_attention(
     mesh: ParallelMesh,
     *,
     seq_len: int | Sequence[int] | None = None,
+    kv_seq_len: int | Sequence[int] | None = None,
+    kv_replicated: bool = False,
     key_mask: Tensor | None = None,
     joint: tuple[Tensor, Tensor, Tensor] | None = None,
     joint_key_mask: Tensor | None = None,
     scale: float | None = None,
     backend: str = "auto",
-) -> Tensor | tuple[Tensor, Tensor]:
+    return_lse: bool = False,
+    check_ranks: bool | None = None,
+) -> Tensor | tuple[Tensor, ...]:
     """Exact attention over a sequence sharded across ``mesh.sp_group``, by Ulysses × ring.
 
     q, k, v ``[B, S_local, H, D]``: this rank holds sequence chunk ``mesh.sp_rank`` (the order of
     ``shard_sequence``). ``seq_len`` as in ``ulysses_attention`` (every length in ``sp_rank``
     order). Any head count. Returns ``[B, S_local, H, D]``; with ``joint`` (replicated tokens, as
-    in ``ulysses_attention``) ``(out, joint_out)``; ``key_mask`` / ``joint_key_mask`` as there.
-    Ranks on different ``batch`` coordinates work on different samples and do not communicate here.
-    Differentiable; gradients equal the single-device ones.
+    in ``ulysses_attention``) ``(out, joint_out)``; ``key_mask`` / ``joint_key_mask``,
+    ``kv_seq_len`` / ``kv_replicated`` (cross-attention) and ``return_lse`` as there.
+    ``check_ranks``: ``None`` follows ``mesh.check_ranks``. Ranks on different ``batch``
+    coordinates work on different samples and do not communicate here. Differentiable; gradients
+    equal the single-device ones.
     """
+    check = mesh.check_ranks if check_ranks is None else check_ranks
     call = check_sequence_call(
-        q, k, v, group_size=mesh.sp_size, group_rank=mesh.sp_rank, seq_len=seq_len, key_mask=key_mask,
-        joint=joint, joint_key_mask=joint_key_mask, scale=scale, backend=backend, what="usp_attention",
+        q, k, v, group=mesh.sp_group, group_rank=mesh.sp_rank, seq_len=seq_len, kv_seq_len=kv_seq_len,
+        kv_replicated=kv_replicated, key_mask=key_mask, joint=joint, joint_key_mask=joint_key_mask, scale=scale,
+        backend=backend, return_lse=return_lse, check_ranks=check, what="usp_attention",
+        extra_names=("mesh (ulysses, ring)",), extra_values=((mesh.ulysses_size, mesh.ring_size),),
     )  # fmt: skip
     u = mesh.ulysses_size
 
-    def attend(q: Tensor, k: Tensor, v: Tensor, lengths: list[int], keep: Keep | None) -> Tensor:
-        ring_lengths = [sum(lengths[r * u : (r + 1) * u]) for r in range(mesh.ring_size)]
+    def per_ring_rank(lengths: list[int]) -> list[int]:
+        return [sum(lengths[r * u : (r + 1) * u]) for r in range(mesh.ring_size)]
 
-        def ring(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            return ring_attention_core(q, k, v, mesh.ring_group, call.scale, call.backend, ring_lengths, keep)
+    def mine(lengths: list[int]) -> list[int]:  # the lengths of this rank's ulysses group
+        return lengths[mesh.ring_rank * u : (mesh.ring_rank + 1) * u]
 
-        mine = lengths[mesh.ring_rank * u : (mesh.ring_rank + 1) * u]
-        return ulysses_core(q, k, v, mesh.ulysses_transport, ring, mine)
+    def attend(
+        q: Tensor, k: Tensor, v: Tensor, lengths: list[int], kv_lengths: list[int] | None, keep: Keep | None
+    ) -> tuple[Tensor, Tensor | None]:
+        ring_kv = None if kv_lengths is None else per_ring_rank(kv_lengths)
 
-    return attend_layout(attend, q, k, v, mesh.sp_group, call.lengths, key_mask, call.joint, joint_key_mask)
+        def ring(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+            return ring_attention_core(q, k, v, mesh.ring_group, call.scale, call.backend, ring_kv, keep, True)
+
+        result = ulysses_core(
+            q, k, v, mesh.ulysses_transport, ring, mine(lengths), None if kv_lengths is None else mine(kv_lengths),
+            with_lse=return_lse,
+        )  # fmt: skip
+        return result if return_lse else (result, None)
+
+    return attend_layout(attend, q, k, v, mesh.sp_group, call, return_lse)

@@ -23,6 +23,7 @@ from diffusers import FluxTransformer2DModel
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from attention.processors import FluxSequenceParallelProcessor, JointLayout
+from xdit_core.agreement import agreed, input_signature
 from xdit_core.collectives import gather, gather_sequence, shard, split_sizes
 from xdit_core.graphs import CudaGraphed
 from xdit_core.mesh import ParallelMesh
@@ -154,9 +155,8 @@ def _per_sample(x: Tensor | None, batch: int) -> bool:
     return x is not None and x.dim() >= 1 and x.shape[0] == batch and batch > 1
 
 
-def _parallel_call(inner: Callable[..., Any], state: _FluxState, call: dict[str, Any]) -> Any:
-    """Shard ``call``'s inputs over ``state.mesh``, run ``inner`` on them, gather its output."""
-    mesh = state.mesh
+def _check_call(mesh: ParallelMesh, call: dict[str, Any]) -> tuple[Tensor, Tensor, int, int, int]:
+    """``(img_ids, txt_ids [tokens, 3], batch, image tokens, text tokens)`` of a valid call; else a ``ValueError``."""
     hidden, context = call.get("hidden_states"), call.get("encoder_hidden_states")
     img_ids, txt_ids = call.get("img_ids"), call.get("txt_ids")
     if any(x is None for x in (hidden, context, img_ids, txt_ids)):
@@ -183,6 +183,23 @@ def _parallel_call(inner: Callable[..., Any], state: _FluxState, call: dict[str,
             f"parallel FLUX: a batch of {batch} cannot be split over the batch axis of {mesh.batch_size} "
             "(more prompts, num_images_per_prompt or true CFG fill it)"
         )
+    return img_ids, txt_ids, batch, image_len, text_len
+
+
+def _parallel_call(inner: Callable[..., Any], state: _FluxState, call: dict[str, Any]) -> Any:
+    """Shard ``call``'s inputs over ``state.mesh``, run ``inner`` on them, gather its output.
+
+    First the ranks agree that they all make this call (same shapes and options), or all raise.
+    """
+    mesh = state.mesh
+    img_ids, txt_ids, batch, image_len, text_len = agreed(
+        mesh.world_group,
+        "parallel FLUX",
+        mesh.check_ranks,
+        lambda: _check_call(mesh, call),
+        tuple(call),
+        lambda _: tuple(input_signature(value) for value in call.values()),
+    )
     local = dict(call)
     batch_sizes = split_sizes(batch, mesh.batch_size)
     for name in ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance"):

@@ -23,6 +23,7 @@ from diffusers.models.autoencoders.vae import DecoderOutput
 from parallel_vae.bands import ROWS, check_tile_rows
 from parallel_vae.decoder import autoencoder_problems, decode_rows
 from parallel_vae.video import VideoVAE, check_ranks_per_frame, decode_video, frame_groups, is_video_vae
+from xdit_core.agreement import agreed, input_signature
 from xdit_core.collectives import all_gather, gather_to
 from xdit_core.mesh import ParallelMesh
 
@@ -100,7 +101,15 @@ def parallelize_vae(
         return vae
 
     def decode(z: Tensor, return_dict: bool = True, generator: torch.Generator | None = None) -> Any:
-        _check_latents(vae, z, state.group)  # before no_grad: it refuses latents that need gradients
+        # before no_grad: it refuses latents that need gradients; every rank must pass the same shape
+        agreed(
+            state.group,
+            "parallel VAE decode",
+            True,
+            lambda: _check_latents(vae, z, state.group),
+            ("latents",),
+            lambda _: (input_signature(z),),
+        )
         sample = _decode(vae, state, z)
         return DecoderOutput(sample=sample) if return_dict else (sample,)
 
@@ -111,8 +120,12 @@ def parallelize_vae(
 
 def _video_decode(vae: VideoVAE, state: _VaeState) -> Callable[..., Tensor]:
     def decode(z: Tensor, num_frames: int) -> Tensor:
-        vae.check_latents(z, num_frames)  # identical on every rank, before any collective
-        _refuse_grad(z)
+        def validate() -> None:
+            vae.check_latents(z, num_frames)
+            _refuse_grad(z)
+
+        values = (input_signature(z), input_signature(num_frames))
+        agreed(state.group, "parallel video VAE decode", True, validate, ("latents", "frames"), lambda _: values)
         return decode_video(
             vae,
             z,

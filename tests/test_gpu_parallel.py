@@ -12,6 +12,7 @@ attention against the same reference; gradients likewise.
 from __future__ import annotations
 
 import os
+from functools import partial
 
 import pytest
 import torch
@@ -226,3 +227,67 @@ def test_peer_ulysses_in_a_cuda_graph(ctx):
         q, k, v = (torch.randn(shape, generator=gen, device=device, dtype=torch.bfloat16) for _ in range(3))
         assert torch.equal(graphed(q=q, k=k, v=v), call(q, k, v))
         assert torch.equal(call(q, k, v), ulysses_attention(q, k, v, dist.group.WORLD))
+
+
+def _lse_ref(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * q.shape[-1] ** -0.5, dim=-1)
+
+
+@pytest.mark.parametrize("kv_layout", ["sharded", "replicated"])
+def test_cross_attention_and_lse_flash_rule(ctx, kv_layout):
+    """Queries and keys of different lengths (4:1 and uneven), with the lse, through NCCL and a PeerExchange."""
+    world, rank, device = ctx.world_size, ctx.rank, ctx.device
+    b, lq, lk, h, d = 2, 1009, 251, 6, 64
+    gen = torch.Generator(device).manual_seed(99)
+    q, dout = (torch.randn(b, lq, h, d, generator=gen, device=device, dtype=torch.bfloat16) for _ in range(2))
+    k, v = (torch.randn(b, lk, h, d, generator=gen, device=device, dtype=torch.bfloat16) for _ in range(2))
+    dlse = torch.randn(b, h, lq, generator=gen, device=device)
+    ref_in = [x.float().requires_grad_() for x in (q, k, v)]
+    ref, ref_lse = _sdpa(*ref_in), _lse_ref(*ref_in[:2])
+    ref_grads = torch.autograd.grad((ref * dout.float()).sum() + (ref_lse * dlse).sum(), ref_in)
+    single_in = [x.clone().requires_grad_() for x in (q, k, v)]
+    single, single_lse = attention_with_lse(*single_in)
+    single_grads = torch.autograd.grad((single.float() * dout.float()).sum() + (single_lse * dlse).sum(), single_in)
+    base = [_rel(single, ref)] + [_rel(a, r) for a, r in zip(single_grads, ref_grads, strict=True)]
+
+    rows = torch.tensor_split(torch.arange(lq, device=device), world)[rank]
+    kv_rows = torch.tensor_split(torch.arange(lk, device=device), world)[rank]
+    layout = {"kv_replicated": True} if kv_layout == "replicated" else {"kv_seq_len": lk}
+    for label, mesh in _built_meshes(world):
+        calls = [("usp", partial(usp_attention, mesh=mesh, seq_len=lq, **layout))]
+        if mesh.ring_size == 1:
+            calls.append(("ulysses", partial(ulysses_attention, group=mesh.ulysses_transport, seq_len=lq, **layout)))
+        if mesh.ulysses_size == 1:
+            calls.append(("ring", partial(ring_attention, group=mesh.ring_group, seq_len=lq, **layout)))
+        for name, fn in calls:
+            kv_local = (k, v) if kv_layout == "replicated" else (k[:, kv_rows], v[:, kv_rows])
+            with torch.no_grad():
+                out, lse = fn(q[:, rows], *kv_local, return_lse=True)
+            worst = _agreed(_rel(out, ref[:, rows]), device)
+            assert worst <= 2 * base[0] + 1e-6, f"{name} {label} {kv_layout} no grad: {worst:.3e} vs {base[0]:.3e}"
+            lse_err = _agreed((lse - ref_lse[:, :, rows]).abs().max().item(), device)
+            assert lse_err <= 1e-2, f"{name} {label} {kv_layout}: lse error {lse_err:.3e}"
+            local = [x.clone().requires_grad_() for x in (q[:, rows], *kv_local)]
+            out, lse = fn(*local, return_lse=True)
+            grads = torch.autograd.grad(
+                (out.float() * dout[:, rows].float()).sum() + (lse * dlse[:, :, rows]).sum(), local
+            )
+            full_k = kv_layout == "replicated"
+            errs = [_rel(out, ref[:, rows]), _rel(grads[0], ref_grads[0][:, rows])] + [
+                _rel(g, r if full_k else r[:, kv_rows]) for g, r in zip(grads[1:], ref_grads[1:], strict=True)
+            ]
+            for what, err, limit in zip(("out", "dq", "dk", "dv"), errs, base, strict=True):
+                worst = _agreed(err, device)
+                assert worst <= 2 * limit + 1e-6, f"{name} {label} {kv_layout}: {what} {worst:.3e} vs {limit:.3e}"
+
+
+def test_disagreeing_ranks_raise_on_nccl(ctx):
+    """The rank-agreement check over NCCL (the digests travel as CUDA tensors): float16 vs bfloat16."""
+    if ctx.world_size < 2:
+        pytest.skip("needs 2 ranks")
+    mesh = ParallelMesh.build(ulysses=ctx.world_size)
+    dtype = torch.bfloat16 if ctx.rank == 1 else torch.float16
+    q = torch.randn(1, 64, 8, 64, device=ctx.device, dtype=dtype)
+    with pytest.raises(ValueError, match=r"dtype: .*rank 1 torch\.bfloat16"):
+        ulysses_attention(q, q, q, mesh.ulysses_group)
+    dist.barrier()

@@ -36,6 +36,7 @@ from models.stdit.attention import (
     to_attention_layout,
 )
 from models.stdit.model import STDiT3
+from xdit_core.agreement import agreed, input_signature
 from xdit_core.collectives import all_to_all, gather, shard, split_sizes
 from xdit_core.mesh import ParallelMesh
 
@@ -88,6 +89,32 @@ class DspSpatialAttention:
             [out], group, scatter_dim=2, gather_dim=1, scatter_sizes=position_sizes, gather_sizes=frames_sizes
         )
         return back.flatten(1, 2)
+
+
+def _check_call(model: STDiT3, state: _StditState, call: dict[str, Any]) -> tuple[int, int, Any]:
+    """``(frames, positions per frame, grid)`` of a valid call on ``state.mesh``; a ``ValueError`` otherwise."""
+    mesh = state.mesh
+    x = call["x"]
+    model.check_inputs(x, call["timestep"], call["y"], call.get("mask"), call.get("x_mask"))
+    batch = x.shape[0]
+    grid = model.grid(x)
+    frames, positions = grid.tokens[0], grid.positions
+    if positions < mesh.sp_size:
+        raise ValueError(
+            f"parallel STDiT3: {positions} spatial positions per frame cannot be shared by {mesh.sp_size} "
+            f"sequence-parallel ranks (mesh {mesh.describe()}): use at most {positions} or larger latents"
+        )
+    if batch < mesh.batch_size:
+        raise ValueError(
+            f"parallel STDiT3: a batch of {batch} cannot be split over the batch axis of {mesh.batch_size} "
+            "(the CFG pair, or more prompts, fill it)"
+        )
+    if state.spatial == "dsp" and mesh.sp_size > 1 and frames < mesh.sp_size:
+        raise ValueError(
+            f"parallel STDiT3: spatial='dsp' needs at least one latent frame per sequence-parallel rank "
+            f"({frames} frames, {mesh.sp_size} ranks): use spatial='usp'"
+        )
+    return frames, positions, grid
 
 
 @dataclass
@@ -151,25 +178,15 @@ def unparallelize_stdit(model: STDiT3) -> STDiT3:
 def _parallel_forward(model: STDiT3, state: _StditState, call: dict[str, Any]) -> Tensor:
     mesh = state.mesh
     x = call["x"]
-    model.check_inputs(x, call["timestep"], call["y"], call.get("mask"), call.get("x_mask"))
+    frames, positions, grid = agreed(
+        mesh.world_group,
+        "parallel STDiT3",
+        mesh.check_ranks,
+        lambda: _check_call(model, state, call),
+        tuple(call),
+        lambda _: tuple(input_signature(value) for value in call.values()),
+    )
     batch = x.shape[0]
-    grid = model.grid(x)
-    frames, positions = grid.tokens[0], grid.positions
-    if positions < mesh.sp_size:
-        raise ValueError(
-            f"parallel STDiT3: {positions} spatial positions per frame cannot be shared by {mesh.sp_size} "
-            f"sequence-parallel ranks (mesh {mesh.describe()}): use at most {positions} or larger latents"
-        )
-    if batch < mesh.batch_size:
-        raise ValueError(
-            f"parallel STDiT3: a batch of {batch} cannot be split over the batch axis of {mesh.batch_size} "
-            "(the CFG pair, or more prompts, fill it)"
-        )
-    if state.spatial == "dsp" and mesh.sp_size > 1 and frames < mesh.sp_size:
-        raise ValueError(
-            f"parallel STDiT3: spatial='dsp' needs at least one latent frame per sequence-parallel rank "
-            f"({frames} frames, {mesh.sp_size} ranks): use spatial='usp'"
-        )
     if mesh.batch_size > 1:  # this rank's samples of every per-sample input
         for name in ("x", "timestep", "y", "mask", "x_mask", "fps", "height", "width"):
             value = call.get(name)
