@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.stdit.checks import check_bool, check_int, check_ints, check_sequence
+
 Tensor = torch.Tensor
 
 
@@ -32,6 +34,17 @@ class TemporalVAEConfig:
     num_groups: int = 32
 
     def __post_init__(self) -> None:
+        owner = "TemporalVAEConfig"
+        for name in ("in_out_channels", "latent_embed_dim", "filters", "num_res_blocks", "num_groups"):
+            check_int(owner, name, getattr(self, name))
+        # frozen: lists (as JSON gives them) become tuples through object.__setattr__
+        object.__setattr__(
+            self, "channel_multipliers", check_ints(owner, "channel_multipliers", self.channel_multipliers)
+        )
+        downsample = check_sequence(owner, "temporal_downsample", self.temporal_downsample)
+        for i, value in enumerate(downsample):
+            check_bool(owner, f"temporal_downsample[{i}]", value)
+        object.__setattr__(self, "temporal_downsample", downsample)
         if len(self.temporal_downsample) != len(self.channel_multipliers) - 1:
             raise ValueError(
                 f"TemporalVAEConfig: temporal_downsample needs {len(self.channel_multipliers) - 1} entries "

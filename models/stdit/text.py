@@ -68,7 +68,7 @@ def prompt_for_t5(prompt: str, *, aes: float | None = OPEN_SORA_AES, clean: bool
     return _clean_caption_once(_clean_caption_once(prompt))
 
 
-def _encoder_folders(path: Path) -> tuple[Path, Path]:
+def encoder_folders(path: Path) -> tuple[Path, Path]:
     """``(tokenizer folder, model folder)`` of a local encoder folder, or a ``ValueError`` naming the path."""
     if not path.is_dir():
         raise ValueError(f"T5TextEncoder.from_pretrained: {path} is not a folder")
@@ -123,11 +123,22 @@ class T5TextEncoder:
         diffusers' ``path/tokenizer/`` and ``path/text_encoder/`` subfolders. ``dtype=None`` keeps the
         dtype the weights are stored in (Open-Sora runs T5 in float32).
         """
-        tok_dir, model_dir = _encoder_folders(Path(path))
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
-        model = T5EncoderModel.from_pretrained(
-            model_dir, dtype="auto" if dtype is None else dtype, local_files_only=True
-        )
+        from safetensors import SafetensorError
+
+        tok_dir, model_dir = encoder_folders(Path(path))
+        what = "T5TextEncoder.from_pretrained"
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+        except (OSError, ValueError) as e:  # a corrupt tokenizer.json is a bare JSONDecodeError
+            files = [str(tok_dir / f) for f in _TOKENIZER_FILES if (tok_dir / f).is_file()]
+            raise ValueError(f"{what}: cannot load the tokenizer from {', '.join(files)}: {e}") from e
+        try:
+            model = T5EncoderModel.from_pretrained(
+                model_dir, dtype="auto" if dtype is None else dtype, local_files_only=True
+            )
+        except (SafetensorError, OSError, ValueError) as e:  # a truncated file's error does not name it
+            files = [str(model_dir / f) for f in ("config.json", *_WEIGHT_FILES) if (model_dir / f).is_file()]
+            raise ValueError(f"{what}: cannot load the T5 encoder from {', '.join(files)}: {e}") from e
         return cls(tokenizer, model.to(device), max_length=max_length)
 
     def save_pretrained(self, path: str | Path) -> Path:

@@ -12,7 +12,7 @@ reference). Decode: ``z·scale + shift`` → temporal decode per chunk → spati
 from __future__ import annotations
 
 import dataclasses
-import json
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from diffusers import AutoencoderKL
 from torch import nn
 
 from models.stdit.checkpoint import checkpoint_files, load_checked, save_checkpoint
+from models.stdit.checks import check_dict, check_float, check_int, check_ints, check_sequence, read_config
 from models.stdit.temporal_vae import TemporalVAE, TemporalVAEConfig
 
 Tensor = torch.Tensor
@@ -42,6 +43,7 @@ SDXL_VAE: dict[str, Any] = {  # PixArt-Σ's SDXL VAE config (the published model
 }
 _METADATA = {"architectures", "model_type", "torch_dtype", "transformers_version", "_name_or_path", "from_pretrained"}
 _SPATIAL_METADATA = {"type", "from_pretrained", "subfolder", "local_files_only"}
+_SPATIAL_INTS = {"in_channels", "out_channels", "latent_channels", "layers_per_block", "norm_num_groups", "sample_size"}
 
 
 @dataclass
@@ -60,17 +62,41 @@ class OpenSoraVAEConfig:
     spatial_source: str | None = "PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers"
 
     def __post_init__(self) -> None:
-        self.scale, self.shift = tuple(self.scale), tuple(self.shift)
+        owner = "OpenSoraVAEConfig"
+        for name in ("micro_frame_size", "micro_batch_size"):
+            check_int(owner, name, getattr(self, name))
+        for name in ("scale", "shift"):
+            values = check_sequence(owner, name, getattr(self, name))
+            for i, value in enumerate(values):
+                check_float(owner, f"{name}[{i}]", value)
+            setattr(self, name, tuple(float(v) for v in values))
+        if 0.0 in self.scale:
+            raise ValueError(f"{owner}: scale {self.scale} must have no zero entry (latents are divided by it)")
+        self.spatial = dict(check_dict(owner, "spatial (vae_2d.config)", self.spatial))
+        unknown = sorted(set(self.spatial) - set(inspect.signature(AutoencoderKL.__init__).parameters) - {"self"})
+        if unknown:
+            raise ValueError(f"{owner}: vae_2d.config has keys {unknown} that diffusers' AutoencoderKL does not take")
+        for key in ("in_channels", "block_out_channels"):
+            if key not in self.spatial:
+                raise ValueError(f"{owner}: vae_2d.config needs {key!r}; it has {sorted(self.spatial)}")
+        for key in _SPATIAL_INTS & set(self.spatial):
+            check_int(owner, f"vae_2d.config.{key}", self.spatial[key])
+        check_ints(owner, "vae_2d.config.block_out_channels", self.spatial["block_out_channels"])
+        for key in ("scaling_factor", "shift_factor"):
+            if self.spatial.get(key) is not None:
+                check_float(owner, f"vae_2d.config.{key}", self.spatial[key])
+        if not isinstance(self.temporal, TemporalVAEConfig):
+            raise ValueError(f"{owner}: temporal must be a TemporalVAEConfig, got {type(self.temporal).__name__}")
+        if self.spatial_source is not None and not isinstance(self.spatial_source, str):
+            raise ValueError(
+                f"{owner}: spatial_source (vae_2d.from_pretrained) must be a str or null, got {self.spatial_source!r}"
+            )
         channels = self.spatial.get("latent_channels", 4)
         if not (len(self.scale) == len(self.shift) == channels == self.temporal.in_out_channels):
             raise ValueError(
-                f"OpenSoraVAEConfig: scale ({len(self.scale)}), shift ({len(self.shift)}), the spatial latent "
+                f"{owner}: scale ({len(self.scale)}), shift ({len(self.shift)}), the spatial latent "
                 f"channels ({channels}) and the temporal channels ({self.temporal.in_out_channels}) must agree"
             )
-        for name in ("micro_frame_size", "micro_batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"OpenSoraVAEConfig: {name} must be a positive int, got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         temporal = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self.temporal).items()}
@@ -96,14 +122,15 @@ class OpenSoraVAEConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> OpenSoraVAEConfig:
+        check_dict("OpenSoraVAEConfig", "the config", values)
         known = {"cal_loss", "freeze_vae_2d", "micro_frame_size", "scale", "shift", "vae_2d", "vae_temporal"}
         unknown = sorted(set(values) - known - _METADATA)
         if unknown:
             raise ValueError(f"OpenSoraVAEConfig: unknown fields {unknown}")
         if values.get("cal_loss", False):
             raise ValueError("OpenSoraVAEConfig: cal_loss=True (the training-loss mode) is not supported")
-        spatial = dict(values.get("vae_2d") or {})
-        temporal = dict(values.get("vae_temporal") or {})
+        spatial = dict(check_dict("OpenSoraVAEConfig", "vae_2d", values.get("vae_2d") or {}))
+        temporal = dict(check_dict("OpenSoraVAEConfig", "vae_temporal", values.get("vae_temporal") or {}))
         if spatial.get("type", "VideoAutoencoderKL") != "VideoAutoencoderKL":
             raise ValueError(f"OpenSoraVAEConfig: vae_2d type {spatial['type']!r} (need VideoAutoencoderKL)")
         if temporal.pop("type", "VAE_Temporal_SD") != "VAE_Temporal_SD":
@@ -115,22 +142,24 @@ class OpenSoraVAEConfig:
         extra += sorted(f"vae_temporal.{k}" for k in set(temporal) - fields)
         if extra:
             raise ValueError(f"OpenSoraVAEConfig: unknown fields {extra}")
-        for key in ("channel_multipliers", "temporal_downsample"):
-            if key in temporal:
-                temporal[key] = tuple(temporal[key])
         return cls(
             micro_frame_size=values.get("micro_frame_size", 17),
             micro_batch_size=spatial.get("micro_batch_size", 4),
-            scale=tuple(values.get("scale", cls.scale)),
-            shift=tuple(values.get("shift", cls.shift)),
-            spatial=dict(spatial.get("config") or SDXL_VAE),
+            scale=values.get("scale", cls.scale),
+            shift=values.get("shift", cls.shift),
+            spatial=spatial.get("config") or dict(SDXL_VAE),
             temporal=TemporalVAEConfig(**temporal),
             spatial_source=spatial.get("from_pretrained"),
         )
 
     @classmethod
     def from_json(cls, path: str | Path) -> OpenSoraVAEConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """The config in file ``path``; every error names the file."""
+        values = read_config(path, "OpenSoraVAEConfig")
+        try:
+            return cls.from_dict(values)
+        except ValueError as e:
+            raise ValueError(f"{e} (in {path})") from e
 
 
 @dataclass(frozen=True)
