@@ -4,6 +4,9 @@ On a CPU (the default) it spawns gloo worlds of 1, 2 and 4 processes itself and 
 
     python benchmarks/sweep.py
 
+That is a smoke test: every result is checked, but processes sharing a few cores measure no speed, and
+the table and the plot say so.
+
 On GPUs, launch one torchrun per world size (NCCL, real FLUX sizes), then merge the results::
 
     for n in 1 2 4; do torchrun --nproc_per_node $n benchmarks/sweep.py --out results; done
@@ -21,6 +24,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -32,8 +36,10 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli_types import OneLineParser, int_at_least, int_list, name_list
 from workloads import attention_workload
 
+from attention import BACKEND_NAMES
 from xdit_core import ParallelMesh, init_distributed, spawn
 
 
@@ -134,8 +140,10 @@ def run_world(args: argparse.Namespace, device: torch.device) -> list[dict]:
     torch.manual_seed(0)
     timer = Timer(device, warmup=args.warmup, iters=args.iters, reps=args.reps)
     rows = []
+    where = {"device": device.type, **({"cpu_cores": os.cpu_count()} if device.type == "cpu" else {})}
     for name in args.workloads:
         for row in WORKLOADS[name](args, timer):
+            row = {**row, **where}
             rows.append(row)
             if dist.get_rank() == 0:
                 print(_progress_line(row), flush=True)
@@ -156,15 +164,36 @@ def _spawned_world(args: argparse.Namespace) -> list[dict]:
     return run_world(args, torch.device("cpu"))
 
 
+def shape_key(shape: str) -> tuple:
+    """Sort key for shape labels: numbers compare as numbers (``S509`` before ``S2048``)."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", shape) if part)
+
+
+def smoke_note(rows: list[dict]) -> str | None:
+    """The caveat for rows timed on CPU processes (``None`` if there are none): not speed measurements."""
+    cpu = [r for r in rows if r.get("device") == "cpu"]
+    if not cpu:
+        return None
+    procs = max(r["world"] for r in cpu)
+    cores = max((r.get("cpu_cores") or 0 for r in cpu), default=0) or "?"
+    return (
+        f"CPU smoke test: timings of up to {procs} processes sharing {cores} CPU cores are not speed measurements; "
+        "the speedup columns only show that every world runs and agrees with one device"
+    )
+
+
 def write_report(rows: list[dict], out: Path) -> str:
-    """Speedups over world 1, the table, CSV/JSON and the plot. Returns the table text."""
+    """Speedups over world 1, the table, CSV/JSON and the plot. Returns the table text.
+
+    Rows sort by workload, shape (numerically), world and time; rows from CPU processes get the
+    smoke-test caveat (``smoke_note``) above the table and on the plot."""
     singles = {(r["workload"], r["shape"]): r for r in rows if r["world"] == 1 and r["variant"] == "single"}
     for r in rows:
         one = singles.get((r["workload"], r["shape"]))
         r["speedup"] = round(one["median_ms"] / r["median_ms"], 3) if one else None
         graph_ms = r.get("graph_ms")
         r["graph_speedup"] = round(one["graph_ms"] / graph_ms, 3) if one and graph_ms and one.get("graph_ms") else None
-    rows.sort(key=lambda r: (r["workload"], r["shape"], r["world"], r["median_ms"]))
+    rows.sort(key=lambda r: (r["workload"], shape_key(r["shape"]), r["world"], r["median_ms"]))
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(rows, indent=1))
     with open(out / "sweep.csv", "w", newline="") as f:
@@ -175,7 +204,8 @@ def write_report(rows: list[dict], out: Path) -> str:
         f"{'workload':<10} {'shape':<24} {'world':>5} {'variant':<16} {'mesh':<7} {'backend':<10} "
         f"{'median ms':>10} {'speedup':>8} {'graph ms':>9} {'speedup':>8} {'max err':>9} {'1-dev err':>9} ok"
     )
-    lines = [header, "-" * len(header)]
+    note = smoke_note(rows)
+    lines = ([note, ""] if note else []) + [header, "-" * len(header)]
     for r in rows:
         speed = f"{r['speedup']:.2f}" if r["speedup"] else "-"
         graph = f"{r['graph_ms']:.3f}" if r.get("graph_ms") else "-"
@@ -187,11 +217,11 @@ def write_report(rows: list[dict], out: Path) -> str:
         )
     table = "\n".join(lines)
     (out / "sweep.txt").write_text(table + "\n")
-    _plot(rows, out / "speedup.png")
+    _plot(rows, out / "speedup.png", note)
     return table
 
 
-def _plot(rows: list[dict], path: Path) -> None:
+def _plot(rows: list[dict], path: Path, note: str | None = None) -> None:
     try:
         import matplotlib
 
@@ -214,12 +244,15 @@ def _plot(rows: list[dict], path: Path) -> None:
                 continue
             best = series.setdefault(f"{r['workload']} {r['shape']}", {})
             best[r["world"]] = max(best.get(r["world"], 0.0), r[key])
-        for i, (label, pts) in enumerate(sorted(series.items())):
+        for i, (label, pts) in enumerate(sorted(series.items(), key=lambda item: shape_key(item[0]))):
             xs = sorted(pts)
             ax.plot(xs, [pts[x] for x in xs], style, color=f"C{i}", marker="o", label=f"{label}, best mesh, {what}")
-    ax.plot(worlds, worlds, "k:", lw=0.8, label="linear")
-    ax.set_xlabel("devices")
-    ax.set_ylabel("speedup over 1 device")
+    if not note:  # CPU processes sharing cores have no linear scaling to compare with
+        ax.plot(worlds, worlds, "k:", lw=0.8, label="linear")
+    ax.set_xlabel("processes on a CPU" if note else "devices")
+    ax.set_ylabel("time ratio over 1 process (not a speed-up)" if note else "speedup over 1 device")
+    if note:
+        ax.set_title(note.split("; ")[0].replace(" are not", "\nare not"), fontsize=9)
     ax.set_xticks(worlds)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -228,32 +261,51 @@ def _plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+VARIANTS = ("ulysses", "ring", "usp", "allgather_kv", "peer")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workloads", default="attention", help="comma-separated: " + ", ".join(WORKLOADS))
-    p.add_argument("--worlds", default="1,2,4", help="CPU mode: world sizes to spawn (default 1,2,4)")
-    p.add_argument(
-        "--seq", default=None, help="global sequence lengths (default CPU 509,512,2048; GPU 4481,4608,16896)"
+    """The sweep's options; a bad value stops here with one line and exit status 2 (before any process)."""
+    p = OneLineParser(
+        prog=Path(__file__).name, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--heads", type=int, default=None, help="heads (default CPU 8; GPU 24)")
-    p.add_argument("--head-dim", type=int, default=None, help="head dim (default CPU 64; GPU 128)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default CPU float32; GPU bf16)")
-    p.add_argument("--backend", default="auto")
+    positive, at_least_0 = int_at_least(1), int_at_least(0)
+    p.add_argument(
+        "--workloads", type=name_list(WORKLOADS), default=["attention"], help="comma-separated: " + ", ".join(WORKLOADS)
+    )
+    p.add_argument(
+        "--worlds", type=int_list(), default=[1, 2, 4], help="CPU mode: world sizes to spawn (default 1,2,4)"
+    )
+    p.add_argument(
+        "--seq",
+        type=int_list(),
+        default=None,
+        help="global sequence lengths (default CPU 509,512,2048; GPU 4481,4608,16896)",
+    )
+    p.add_argument("--heads", type=positive, default=None, help="heads (default CPU 8; GPU 24)")
+    p.add_argument("--head-dim", type=positive, default=None, help="head dim (default CPU 64; GPU 128)")
+    p.add_argument("--batch", type=positive, default=1)
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="default CPU float32; GPU bfloat16")
+    p.add_argument("--backend", choices=("auto", *BACKEND_NAMES), default="auto")
     p.add_argument(
         "--variants",
-        default="ulysses,ring,usp,allgather_kv,peer",
+        type=name_list(VARIANTS),
+        default=list(VARIANTS),
         help="attention variants; peer: Ulysses / USP through a PeerExchange (GPUs only)",
     )
-    p.add_argument("--ulysses-backends", default="", help="also time ulysses with these kernels, e.g. cudnn")
     p.add_argument(
-        "--flux-sizes", default=None, help="flux: image sizes in pixels (default CPU 112,128; GPU 1024,2048)"
+        "--ulysses-backends", type=name_list(BACKEND_NAMES), default=[], help="also time ulysses with these kernels"
     )
     p.add_argument(
-        "--flux-config", default=None, help="flux: dev (FLUX.1-dev size) or tiny (default CPU tiny; GPU dev)"
+        "--flux-sizes",
+        type=int_list(multiple_of=16),
+        default=None,
+        help="flux: image sizes in pixels, multiples of 16 (default CPU 112,128; GPU 1024,2048)",
     )
-    p.add_argument("--flux-reps", type=int, default=None, help="flux: timed forwards (default CPU 3; GPU 5)")
-    p.add_argument("--flux-warmup", type=int, default=1, help="flux: untimed forwards after the checked one")
+    p.add_argument("--flux-config", choices=("dev", "tiny"), default=None, help="flux: default CPU tiny; GPU dev")
+    p.add_argument("--flux-reps", type=positive, default=None, help="flux: timed forwards (default CPU 3; GPU 5)")
+    p.add_argument("--flux-warmup", type=at_least_0, default=1, help="flux: untimed forwards after the checked one")
     p.add_argument(
         "--flux-compile",
         action=argparse.BooleanOptionalAction,
@@ -267,73 +319,73 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="flux, GPUs: also time diffusers' own context parallelism (ulysses and ring)",
     )
     p.add_argument(
-        "--vae-sizes", default=None, help="vae: image sizes in pixels (default CPU 64,96; GPU 2048,4096,8192)"
+        "--vae-sizes",
+        type=int_list(multiple_of=8),
+        default=None,
+        help="vae: image sizes in pixels, multiples of 8 (default CPU 64,96; GPU 2048,4096,8192)",
     )
-    p.add_argument("--vae-config", default=None, help="vae: flux (FLUX's VAE) or tiny (default CPU tiny; GPU flux)")
-    p.add_argument("--vae-tile-rows", type=int, default=None, help="vae: slab rows of the tiled rows (CPU 8; GPU 256)")
-    p.add_argument("--vae-reps", type=int, default=None, help="vae: timed decodes (default CPU 2; GPU 3)")
+    p.add_argument("--vae-config", choices=("flux", "tiny"), default=None, help="vae: default CPU tiny; GPU flux")
+    p.add_argument(
+        "--vae-tile-rows", type=positive, default=None, help="vae: slab rows of the tiled rows (CPU 8; GPU 256)"
+    )
+    p.add_argument("--vae-reps", type=positive, default=None, help="vae: timed decodes (default CPU 2; GPU 3)")
     p.add_argument(
         "--vae-whole-bands",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="vae: on several ranks also time whole bands (no slabs); --no-vae-whole-bands: slabs only",
     )
-    p.add_argument("--vae-warmup", type=int, default=0, help="vae: untimed decodes after the checked one")
+    p.add_argument("--vae-warmup", type=at_least_0, default=0, help="vae: untimed decodes after the checked one")
     p.add_argument(
-        "--vae-single-max", type=int, default=None, help="vae: largest size the plain decode runs at (GPU 4096)"
+        "--vae-single-max", type=positive, default=None, help="vae: largest size the plain decode runs at (GPU 4096)"
     )
     p.add_argument(
-        "--vae-ref-max", type=int, default=None, help="vae: largest size with a float32 reference (GPU 4096)"
+        "--vae-ref-max", type=positive, default=None, help="vae: largest size with a float32 reference (GPU 4096)"
     )
-    p.add_argument("--stdit-config", default=None, help="stdit: xl (STDiT3-XL/2) or tiny (default CPU tiny; GPU xl)")
+    p.add_argument("--stdit-config", choices=("xl", "tiny"), default=None, help="stdit: default CPU tiny; GPU xl")
     p.add_argument(
-        "--stdit-latent", default=None, help="stdit: latent T,H,W (default CPU 4,9,7; GPU 30,90,160 = 720p 4 s)"
+        "--stdit-latent",
+        type=int_list(length=3),
+        default=None,
+        help="stdit: latent T,H,W (default CPU 4,9,7; GPU 30,90,160 = 720p 4 s)",
     )
-    p.add_argument("--stdit-reps", type=int, default=None, help="stdit: timed forwards (default CPU 2; GPU 3)")
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--iters", type=int, default=None)
-    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--stdit-reps", type=positive, default=None, help="stdit: timed forwards (default CPU 2; GPU 3)")
+    p.add_argument("--warmup", type=at_least_0, default=None)
+    p.add_argument("--iters", type=positive, default=None)
+    p.add_argument("--reps", type=positive, default=None)
     p.add_argument("--out", default="results", help="folder for sweep.json / .csv / .txt / speedup.png")
     p.add_argument("--report", default=None, help="only merge the world_*.json files in this folder")
     args = p.parse_args(argv)
-    args.workloads = [w for w in args.workloads.split(",") if w]
-    unknown = [w for w in args.workloads if w not in WORKLOADS]
-    if unknown:
-        p.error(f"unknown workloads {unknown}; choose from {list(WORKLOADS)}")
-    args.variants = [v for v in args.variants.split(",") if v]
-    args.ulysses_backends = [b for b in args.ulysses_backends.split(",") if b]
+    if not args.workloads:
+        p.error("argument --workloads: expected at least one workload")
     return args
 
 
 def _apply_defaults(args: argparse.Namespace, gpu: bool) -> None:
     defaults = {
-        "seq": "4481,4608,16896" if gpu else "509,512,2048",  # 4481: FLUX at 1008² (3969 + 512)
+        "seq": [4481, 4608, 16896] if gpu else [509, 512, 2048],  # 4481: FLUX at 1008² (3969 + 512)
         "heads": 24 if gpu else 8,
         "head_dim": 128 if gpu else 64,
         "dtype": "bfloat16" if gpu else "float32",
         "warmup": 5 if gpu else 2,
         "iters": 20 if gpu else 3,
         "reps": 10 if gpu else 5,
-        "flux_sizes": "1024,2048" if gpu else "112,128",
+        "flux_sizes": [1024, 2048] if gpu else [112, 128],
         "flux_config": "dev" if gpu else "tiny",
         "flux_reps": 5 if gpu else 3,
-        "vae_sizes": "2048,4096,8192" if gpu else "64,96",
+        "vae_sizes": [2048, 4096, 8192] if gpu else [64, 96],
         "vae_config": "flux" if gpu else "tiny",
         "vae_tile_rows": 256 if gpu else 8,
         "vae_reps": 3 if gpu else 2,
         "vae_single_max": 4096 if gpu else 10**6,
         "vae_ref_max": 4096 if gpu else 10**6,
         "stdit_config": "xl" if gpu else "tiny",
-        "stdit_latent": "30,90,160" if gpu else "4,9,7",
+        "stdit_latent": [30, 90, 160] if gpu else [4, 9, 7],
         "stdit_reps": 3 if gpu else 2,
     }
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.seq = [int(s) for s in str(args.seq).split(",")]
-    args.flux_sizes = [int(s) for s in str(args.flux_sizes).split(",")]
-    args.vae_sizes = [int(s) for s in str(args.vae_sizes).split(",")]
-    args.stdit_latent = [int(s) for s in str(args.stdit_latent).split(",")]
     args.dtype_t = getattr(torch, args.dtype)
 
 
@@ -359,8 +411,13 @@ def main(argv: list[str] | None = None) -> None:
         dist.destroy_process_group()
         return
     _apply_defaults(args, gpu=False)
+    print(
+        f"sweep: CPU smoke test on {os.cpu_count()} cores: it checks every result against one device; "
+        "its timings are not speed measurements",
+        flush=True,
+    )
     rows = []
-    for world in [int(w) for w in args.worlds.split(",")]:
+    for world in args.worlds:
         print(f"sweep: spawning {world} CPU process(es) (gloo), seq {args.seq}, {args.dtype}", flush=True)
         rows += spawn(_spawned_world, world, args, backend="gloo", timeout_s=1800)[0]
     print(write_report(rows, out))
