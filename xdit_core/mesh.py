@@ -12,8 +12,11 @@ Ulysses and ring attention assume exactly this order, so it is defined here once
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
+import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
@@ -44,6 +47,38 @@ def _check_degrees(ulysses: int, ring: int, batch: int) -> None:
             raise ValueError(f"mesh degree {name}={value!r} must be a positive integer")
 
 
+def _check_flags(**flags: object) -> None:
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def _check_ranks(ranks: Sequence[int], world: int) -> list[int]:
+    members = list(ranks)
+    if not members or any(not isinstance(r, int) or isinstance(r, bool) or not 0 <= r < world for r in members):
+        raise ValueError(f"ranks {members} must be world ranks (0 to {world - 1})")
+    if len(set(members)) != len(members):
+        raise ValueError(f"ranks {members} name a rank twice")
+    return members
+
+
+def _device_type(device_type: str | None) -> str:
+    """``"cuda"`` for an NCCL world and ``"cpu"`` otherwise, unless given."""
+    if device_type is None:
+        return "cuda" if dist.get_backend() == "nccl" else "cpu"
+    return device_type
+
+
+def _subgroups(member_lists: list[list[int]]) -> dist.ProcessGroup | None:
+    """This rank's group among ``member_lists`` (every rank creates all of them, in order), or ``None``."""
+    mine = None
+    for members in member_lists:
+        group = dist.new_group(sorted(members))
+        if dist.get_rank() in members:
+            mine = group
+    return mine
+
+
 def suggest_meshes(world_size: int) -> list[str]:
     """Every ``ulysses × ring`` split of ``world_size`` (batch 1), as readable strings."""
     return [f"ulysses={u}, ring={world_size // u}" for u in range(1, world_size + 1) if world_size % u == 0]
@@ -51,31 +86,54 @@ def suggest_meshes(world_size: int) -> list[str]:
 
 @dataclass(frozen=True)
 class ParallelMesh:
-    """A ``batch × ring × ulysses`` mesh over an initialised ``torch.distributed`` world.
+    """A ``batch × ring × ulysses`` mesh of named axes over ranks of an initialised ``torch.distributed`` world.
 
-    Build it with :meth:`build`; every communicating function takes it (or one of its groups)
-    explicitly. ``sp_group`` spans ``ring × ulysses`` (the ranks that share one sequence);
-    ``world_group`` spans every rank of the mesh (what the VAE decoder splits its rows over).
+    Build it with :meth:`build` (a layout of the world's ranks, or of a subset) or
+    :meth:`from_device_mesh` (a torch ``DeviceMesh`` you already have); every communicating
+    function takes it (or one of its groups) explicitly. Groups by name (:meth:`group`): one per
+    axis in ``AXES``, ``"sp"`` (``ring × ulysses`` flattened: the ranks that share one sequence,
+    group rank = ``sp_rank``) and ``"world"`` (every rank of the mesh: what the VAE decoder splits
+    its rows over). ``degrees`` / ``coordinates``: each axis's size and this rank's index on it.
     ``ulysses_exchange`` is the ulysses group's :class:`PeerExchange` if the mesh was built with
     ``peer_exchange=True`` (``None`` otherwise); ``ulysses_transport`` is what Ulysses uses.
     ``check_ranks``: what the mesh's users (USP, ``gather_sequence``, the model adapters) do by
     default: agree across ranks on each new call signature before communicating (``xdit_core.agreement``).
+    The properties of the fixed-axis mesh (``ulysses_group``, ``ring_size``, ``sp_rank``, ...) read these.
     """
 
     device_mesh: DeviceMesh
-    world_group: dist.ProcessGroup
-    ulysses_group: dist.ProcessGroup
-    ring_group: dist.ProcessGroup
-    batch_group: dist.ProcessGroup
-    sp_group: dist.ProcessGroup
-    ulysses_size: int
-    ring_size: int
-    batch_size: int
-    ulysses_rank: int
-    ring_rank: int
-    batch_rank: int
+    degrees: Mapping[str, int]
+    coordinates: Mapping[str, int]
+    groups: Mapping[str, dist.ProcessGroup]
     ulysses_exchange: PeerExchange | None = None
     check_ranks: bool = True
+
+    def group(self, name: str) -> dist.ProcessGroup:
+        """The process group of axis ``name`` (one of ``AXES``), of ``"sp"`` or of ``"world"``."""
+        if name not in self.groups:
+            raise ValueError(f"ParallelMesh has no group {name!r}; it has {sorted(self.groups)}")
+        return self.groups[name]
+
+    def size(self, name: str) -> int:
+        """The number of ranks in :meth:`group` ``(name)``."""
+        return self.group(name).size()
+
+    def rank(self, name: str) -> int:
+        """This rank's index in :meth:`group` ``(name)``."""
+        return self.group(name).rank()
+
+    # The fixed-axis names of the first mesh (kept: every adapter and test reads them).
+    ulysses_group = property(lambda self: self.groups["ulysses"])
+    ring_group = property(lambda self: self.groups["ring"])
+    batch_group = property(lambda self: self.groups["batch"])
+    sp_group = property(lambda self: self.groups["sp"])
+    world_group = property(lambda self: self.groups["world"])
+    ulysses_size = property(lambda self: self.degrees["ulysses"])
+    ring_size = property(lambda self: self.degrees["ring"])
+    batch_size = property(lambda self: self.degrees["batch"])
+    ulysses_rank = property(lambda self: self.coordinates["ulysses"])
+    ring_rank = property(lambda self: self.coordinates["ring"])
+    batch_rank = property(lambda self: self.coordinates["batch"])
 
     @property
     def ulysses_transport(self) -> dist.ProcessGroup | PeerExchange:
@@ -94,6 +152,7 @@ class ParallelMesh:
 
     @property
     def world_size(self) -> int:
+        """Number of ranks in the mesh (all of the world's, or the subset it was built on)."""
         return self.sp_size * self.batch_size
 
     @classmethod
@@ -103,12 +162,16 @@ class ParallelMesh:
         ulysses: int = 1,
         ring: int = 1,
         batch: int = 1,
+        ranks: Sequence[int] | None = None,
         device_type: str | None = None,
         peer_exchange: bool = False,
         check_ranks: bool = True,
-    ) -> ParallelMesh:
-        """Build the mesh over the current world; ``ulysses * ring * batch`` must equal its size.
+    ) -> ParallelMesh | None:
+        """Build the mesh over the world's ranks (or over ``ranks``); ``ulysses * ring * batch`` must match their count.
 
+        ``ranks``: the world ranks the mesh spans, in increasing order (laid out ulysses fastest),
+        for several models or replicas in one job; every rank of the world must call ``build`` alike
+        (creating process groups is collective), and ranks outside ``ranks`` get ``None``.
         ``device_type`` defaults to ``"cuda"`` for an NCCL world and ``"cpu"`` otherwise.
         ``peer_exchange=True`` (CUDA, the ulysses group's GPUs able to map each other's memory, as
         over NVLink): Ulysses' all-to-alls write straight into the peers' memory
@@ -117,47 +180,92 @@ class ParallelMesh:
         microseconds of host time per call; a disagreement then aborts or hangs instead of raising).
         """
         _check_degrees(ulysses, ring, batch)
-        if not isinstance(check_ranks, bool):
-            raise ValueError(f"check_ranks must be True or False, got {check_ranks!r}")
+        _check_flags(peer_exchange=peer_exchange, check_ranks=check_ranks)
         if not dist.is_initialized():
             raise ValueError(
                 "ParallelMesh.build needs an initialised torch.distributed world: call "
                 "xdit_core.init_distributed() under torchrun, or run inside xdit_core.spawn(...)"
             )
         world = dist.get_world_size()
-        if ulysses * ring * batch != world:
+        members = list(range(world)) if ranks is None else _check_ranks(ranks, world)
+        if ulysses * ring * batch != len(members):
+            where = f"the world size {world}" if ranks is None else f"the {len(members)} ranks {members}"
             raise ValueError(
                 f"mesh degrees ulysses={ulysses} × ring={ring} × batch={batch} = {ulysses * ring * batch} "
-                f"do not match the world size {world}; with batch={batch} choose one of: "
+                f"do not match {where}; with batch={batch} choose one of: "
                 + (
-                    "; ".join(suggest_meshes(world // batch))
-                    if world % batch == 0
-                    else f"(none: batch={batch} does not divide {world})"
+                    "; ".join(suggest_meshes(len(members) // batch))
+                    if len(members) % batch == 0
+                    else f"(none: batch={batch} does not divide {len(members)})"
                 )
             )
-        if device_type is None:
-            device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        device_type = _device_type(device_type)
+        layout = torch.tensor(members).reshape(batch, ring, ulysses)
+        if ranks is None:
+            device_mesh = init_device_mesh(device_type, (batch, ring, ulysses), mesh_dim_names=AXES)
+        else:
+            device_mesh = DeviceMesh(device_type, layout, mesh_dim_names=AXES)
+        return cls._from_layout(device_mesh, layout, peer_exchange, check_ranks)
+
+    @classmethod
+    def from_device_mesh(
+        cls, device_mesh: DeviceMesh, *, peer_exchange: bool = False, check_ranks: bool = True
+    ) -> ParallelMesh | None:
+        """The mesh of a torch ``DeviceMesh`` you already have (e.g. the one given to diffusers'
+        ``ContextParallelConfig(mesh=...)``): its dims named from ``AXES`` (``"batch"``, ``"ring"``,
+        ``"ulysses"``; any subset, in this order; a missing axis has degree 1).
+
+        The world ranks must increase along the mesh (ulysses fastest, then ring, then batch), as a
+        process group numbers its ranks in world-rank order: a device mesh laid out otherwise is
+        refused, naming its layout. Every rank of the world calls it; ranks outside the device mesh get ``None``.
+        """
+        if not isinstance(device_mesh, DeviceMesh):
+            raise ValueError(f"from_device_mesh needs a torch DeviceMesh, got {type(device_mesh).__name__}")
+        _check_flags(peer_exchange=peer_exchange, check_ranks=check_ranks)
+        names = tuple(device_mesh.mesh_dim_names or ())
+        if not names or any(n not in AXES for n in names) or list(names) != [a for a in AXES if a in names]:
+            raise ValueError(
+                f"from_device_mesh: the device mesh's dims must be named from {AXES}, in that order "
+                f"(a subset is fine), got {names or 'no names'}"
+            )
+        sizes = dict(zip(names, device_mesh.mesh.shape, strict=True))
+        layout = device_mesh.mesh.reshape([sizes.get(a, 1) for a in AXES])
+        return cls._from_layout(device_mesh, layout, peer_exchange, check_ranks)
+
+    @classmethod
+    def _from_layout(
+        cls, device_mesh: DeviceMesh, layout: torch.Tensor, peer_exchange: bool, check_ranks: bool
+    ) -> ParallelMesh | None:
+        """The mesh over ``layout`` (``[batch, ring, ulysses]`` world ranks); every world rank calls it."""
+        batch, ring, ulysses = layout.shape
+        sequences = layout.reshape(batch, ring * ulysses)  # per batch index: the sp ranks in sp_rank order
+        members = layout.flatten().tolist()
+        if members != sorted(members):
+            raise ValueError(
+                "ParallelMesh: the world ranks must increase along the mesh (ulysses fastest, then ring, then "
+                f"batch), got {layout.tolist()}: a process group numbers its ranks in world-rank order, and "
+                "shard_sequence gives chunk i to group rank i"
+            )
+        device_type = device_mesh.device_type
         if peer_exchange and device_type != "cuda":
             raise ValueError(f"peer_exchange=True needs a CUDA mesh (symmetric memory), not {device_type!r}")
-        device_mesh = init_device_mesh(device_type, (batch, ring, ulysses), mesh_dim_names=AXES)
-        batch_rank, ring_rank, ulysses_rank = mesh_coordinates(dist.get_rank(), ulysses=ulysses, ring=ring, batch=batch)
-        sp = ulysses * ring
-        # Every rank must create every sp group, in the same order.
-        sp_group, _ = dist.new_subgroups_by_enumeration([list(range(b * sp, (b + 1) * sp)) for b in range(batch)])
-        ulysses_group = device_mesh.get_group("ulysses")
+        # Every rank must create every group, in the same order (new_group is collective over the world).
+        whole = len(members) == dist.get_world_size()
+        groups = {"sp": _subgroups(sequences.tolist()), "world": dist.group.WORLD if whole else _subgroups([members])}
+        names = tuple(device_mesh.mesh_dim_names or ())
+        singles = _subgroups([[r] for r in members]) if any(a not in names for a in AXES) else None
+        me = dist.get_rank()
+        if me not in members:
+            return None
+        coordinate = dict(zip(AXES, (int(i[0]) for i in torch.nonzero(layout == me, as_tuple=True)), strict=True))
+        for axis in AXES:  # an axis the device mesh lacks has degree 1: a group of this rank alone
+            groups[axis] = device_mesh.get_group(axis) if axis in names else singles
+        ulysses_group = groups["ulysses"]
         return cls(
             device_mesh=device_mesh,
-            world_group=dist.group.WORLD,  # the mesh spans the whole world (checked above)
-            ulysses_group=ulysses_group,
-            ring_group=device_mesh.get_group("ring"),
-            batch_group=device_mesh.get_group("batch"),
-            sp_group=sp_group,
-            ulysses_size=ulysses,
-            ring_size=ring,
-            batch_size=batch,
-            ulysses_rank=ulysses_rank,
-            ring_rank=ring_rank,
-            batch_rank=batch_rank,
+            degrees=MappingProxyType(dict(zip(AXES, (batch, ring, ulysses), strict=True))),
+            coordinates=MappingProxyType(coordinate),
+            groups=MappingProxyType(groups),
             ulysses_exchange=PeerExchange(ulysses_group) if peer_exchange and ulysses > 1 else None,
             check_ranks=check_ranks,
         )
