@@ -20,7 +20,7 @@ import torch.distributed as dist
 from diffusers import FluxTransformer2DModel
 
 from models import parallelize_flux, unparallelize_flux
-from models.flux_pipeline import TINY_FLUX_CONFIG
+from models.testing import TINY_FLUX_CONFIG
 from xdit_core import ParallelMesh
 from xdit_core.graphs import CudaGraphed
 

@@ -32,8 +32,9 @@ from transformers import T5Config, T5EncoderModel
 
 from models.stdit import STDiT3Config
 from models.stdit.pipeline import OpenSoraPipeline, image_size, parallelize_opensora, parse_num_frames
-from models.stdit.text import T5TextEncoder, tiny_t5_text_encoder
+from models.stdit.text import T5TextEncoder
 from models.stdit.video_vae import OpenSoraVAE
+from models.testing import tiny_t5_text_encoder
 from parallel_vae import parallelize_vae, unparallelize_vae
 from xdit_core import ParallelMesh, init_distributed
 

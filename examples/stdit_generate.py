@@ -43,11 +43,11 @@ from models.stdit.pipeline import (
     image_size,
     parallelize_opensora,
     parse_num_frames,
-    tiny_opensora_pipeline,
 )
 from models.stdit.text import encoder_folders
 from models.stdit.video_io import write_mp4
 from models.stdit.video_vae import OpenSoraVAEConfig
+from models.testing import tiny_opensora_pipeline
 from xdit_core import ParallelMesh
 
 

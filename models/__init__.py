@@ -1,13 +1,15 @@
-"""Model adapters: FLUX (diffusers) in parallel, transformer and pipeline; STDiT3 (Open-Sora 1.2) and its adapter."""
+"""Model adapters: FLUX (diffusers) in parallel, transformer and pipeline (``models.flux``); STDiT3 (Open-Sora 1.2)
+and its adapter (``models.stdit``); tiny random models of both for CPUs (``models.testing``)."""
 
-from models.flux import parallelize_flux, unparallelize_flux
-from models.flux_pipeline import (
+from models.flux import (
     ParallelFluxPipeline,
+    parallelize_flux,
     parallelize_flux_pipeline,
-    tiny_flux_pipeline,
+    unparallelize_flux,
     unparallelize_flux_pipeline,
 )
 from models.stdit import STDiT3, STDiT3Config, parallelize_stdit, rflow_sample, unparallelize_stdit
+from models.testing import tiny_flux_pipeline, tiny_flux_transformer, tiny_opensora_pipeline, tiny_t5_text_encoder
 
 __all__ = [
     "ParallelFluxPipeline",
@@ -18,6 +20,9 @@ __all__ = [
     "parallelize_stdit",
     "rflow_sample",
     "tiny_flux_pipeline",
+    "tiny_flux_transformer",
+    "tiny_opensora_pipeline",
+    "tiny_t5_text_encoder",
     "unparallelize_flux",
     "unparallelize_flux_pipeline",
     "unparallelize_stdit",

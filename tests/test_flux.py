@@ -14,7 +14,7 @@ from dist_utils import agreed_max, excess, expect_value_errors, run_ranks, worke
 
 from models import parallelize_flux, unparallelize_flux
 from models.flux import CfgPair, pair_cfg_calls
-from models.flux_pipeline import TINY_FLUX_CONFIG, tiny_flux_transformer
+from models.testing import TINY_FLUX_CONFIG, tiny_flux_transformer
 from xdit_core import ParallelMesh
 
 # odd channel counts, and 3 heads: they divide no ulysses degree above 1 but 3

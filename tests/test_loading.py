@@ -14,8 +14,9 @@ from safetensors.torch import load_file, save_file
 from models.stdit import STDiT3, STDiT3Config
 from models.stdit.config import _BOOLS, _INTS
 from models.stdit.temporal_vae import TemporalVAEConfig
-from models.stdit.text import T5TextEncoder, tiny_t5_text_encoder
+from models.stdit.text import T5TextEncoder
 from models.stdit.video_vae import SDXL_VAE, OpenSoraVAE, OpenSoraVAEConfig
+from models.testing import tiny_t5_text_encoder
 
 TINY = dict(depth=1, hidden_size=16, num_heads=2, caption_channels=8, model_max_length=4)
 TINY_VAE = OpenSoraVAEConfig(

@@ -23,14 +23,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from models.stdit.pipeline import (
-    image_size,
-    parallelize_opensora,
-    parse_num_frames,
-    tiny_opensora_pipeline,
-)
+from models.stdit.pipeline import image_size, parallelize_opensora, parse_num_frames
 from models.stdit.temporal_vae import CausalConv3d, depth_to_time
 from models.stdit.video_vae import SPATIAL_SCALE, OpenSoraVAE, OpenSoraVAEConfig
+from models.testing import tiny_opensora_pipeline
 from parallel_vae import parallelize_vae, unparallelize_vae
 from parallel_vae.video import choose_ranks_per_frame
 from xdit_core import ParallelMesh

@@ -16,9 +16,9 @@ from models.stdit.text import (
     T5TextEncoder,
     encode_prompts_shared,
     prompt_for_t5,
-    tiny_t5_text_encoder,
 )
 from models.stdit.video_io import video_to_uint8, write_mp4
+from models.testing import tiny_t5_text_encoder
 
 PROMPTS = ["A cat playing piano.", "Café ünïcode 🎹", "x" * 400, ""]
 
@@ -153,7 +153,7 @@ def test_encode_prompts_shared_equals_local_encode_on_two_ranks() -> None:
     messages = run_ranks(_shared_worker, 2, timeout_s=120)
     for fragment in ("must pass a T5TextEncoder", "non-empty list of str", "src=2 must be a group rank in [0, 2)"):
         assert all(fragment in "\n".join(m) for m in messages), (fragment, messages)
-    assert "(src) could not encode the prompts" in messages[0][0]  # rank 0 heard of rank 1's failure
+    assert "encoding the prompts failed on group rank 1" in messages[0][0]  # rank 0 heard of rank 1's failure
 
 
 # ----------------------------------------------------------------------------- video output

@@ -1,5 +1,5 @@
 """STDiT3 (Open-Sora 1.2): the model, its sequence-parallel adapter, the rectified-flow sampler, the video
-VAE, T5 text conditioning and the end-to-end pipeline."""
+VAE, T5 text conditioning and the end-to-end pipeline (tiny random ones for CPUs: ``models.testing``)."""
 
 from models.stdit.config import STDiT3Config
 from models.stdit.model import STDiT3
@@ -10,12 +10,11 @@ from models.stdit.pipeline import (
     image_size,
     parallelize_opensora,
     parse_num_frames,
-    tiny_opensora_pipeline,
     unparallelize_opensora,
 )
 from models.stdit.sampler import rflow_sample, rflow_timesteps
 from models.stdit.temporal_vae import TemporalVAE, TemporalVAEConfig
-from models.stdit.text import T5TextEncoder, encode_prompts_shared, prompt_for_t5, tiny_t5_text_encoder
+from models.stdit.text import T5TextEncoder, encode_prompts_shared, prompt_for_t5
 from models.stdit.video_io import video_to_uint8, write_mp4
 from models.stdit.video_vae import OpenSoraVAE, OpenSoraVAEConfig
 
@@ -37,8 +36,6 @@ __all__ = [
     "prompt_for_t5",
     "rflow_sample",
     "rflow_timesteps",
-    "tiny_opensora_pipeline",
-    "tiny_t5_text_encoder",
     "unparallelize_opensora",
     "unparallelize_stdit",
     "video_to_uint8",

@@ -25,13 +25,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from models.stdit.config import STDiT3Config
 from models.stdit.model import STDiT3
 from models.stdit.parallel import parallelize_stdit, unparallelize_stdit
 from models.stdit.sampler import rflow_sample
-from models.stdit.temporal_vae import TemporalVAEConfig
-from models.stdit.text import T5TextEncoder, encode_prompts_shared, prompt_for_t5, tiny_t5_text_encoder
-from models.stdit.video_vae import OpenSoraVAE, OpenSoraVAEConfig
+from models.stdit.text import T5TextEncoder, encode_prompts_shared, prompt_for_t5
+from models.stdit.video_vae import OpenSoraVAE
 from parallel_vae import parallelize_vae, unparallelize_vae
 from xdit_core.mesh import ParallelMesh
 
@@ -236,25 +234,3 @@ def unparallelize_opensora(pipe: OpenSoraPipeline) -> OpenSoraPipeline:
     unparallelize_stdit(pipe.transformer)
     unparallelize_vae(pipe.vae)
     return dataclasses.replace(pipe, group=None, video_rank=None)
-
-
-def tiny_opensora_pipeline(*, seed: int = 0, dtype: torch.dtype = torch.float32) -> OpenSoraPipeline:
-    """Random toy models of the real architecture (STDiT3 depth 2 × width 64; a VAE of the same
-    structure with 8× spatial and 4× temporal compression; a byte-level T5), the same in every process."""
-    text = tiny_t5_text_encoder(seed=seed, dtype=dtype)
-    config = STDiT3Config(depth=2, hidden_size=64, num_heads=4, caption_channels=text.hidden_size)
-    vae_config = OpenSoraVAEConfig(
-        spatial=dict(
-            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[8, 8, 16, 16], layers_per_block=1,
-            down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4, norm_num_groups=4,
-        ),
-        temporal=TemporalVAEConfig(filters=8, num_res_blocks=1, num_groups=4),
-    )  # fmt: skip
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        transformer, vae = STDiT3(config).eval(), OpenSoraVAE(vae_config).eval()
-        with torch.no_grad():  # no zero-initialised gate or projection: every path contributes
-            for p in [*transformer.parameters(), *vae.parameters()]:
-                if p is not transformer.rope.freqs:
-                    p.add_(torch.randn_like(p) * 0.02)
-    return OpenSoraPipeline(transformer.to(dtype), vae.to(dtype), text)

@@ -2,8 +2,8 @@
 
 Open-Sora appends an aesthetic score to every prompt, cleans it with the DeepFloyd/PixArt caption
 cleaner (twice), and encodes it with T5 (``DeepFloyd/t5-v1_1-xxl``, d_model 4096) into
-``y [n, 1, 300, d_model]`` and ``mask [n, 300]``. ``tiny_t5_text_encoder`` builds a toy encoder of the
-same interface without downloads, for tests and examples.
+``y [n, 1, 300, d_model]`` and ``mask [n, 300]``. ``models.testing.tiny_t5_text_encoder`` builds a toy
+encoder of the same interface without downloads, for tests and examples.
 """
 
 from __future__ import annotations
@@ -17,11 +17,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from diffusers import PixArtAlphaPipeline
-from tokenizers import Tokenizer, decoders, processors
-from tokenizers import models as tok_models
-from transformers import AutoTokenizer, PreTrainedTokenizerFast, T5Config, T5EncoderModel
+from transformers import AutoTokenizer, T5EncoderModel
 
-from xdit_core.collectives import broadcast_tensors
+from xdit_core.on_rank import compute_on_rank
 
 OPEN_SORA_AES = 6.5  # the aesthetic score Open-Sora 1.2's inference configs append (``aes=6.5``)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model")
@@ -175,52 +173,6 @@ class T5TextEncoder:
         return y[:, None], mask
 
 
-def tiny_t5_text_encoder(
-    *, seed: int = 0, d_model: int = 32, max_length: int = 300, dtype: torch.dtype = torch.float32
-) -> T5TextEncoder:
-    """A toy T5 encoder of Open-Sora's interface, built without downloads or sentencepiece.
-
-    The tokenizer is byte-level: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, then byte ``b`` is id ``3 + b``;
-    like T5 it appends ``</s>``. The model is a random 2-layer ``T5EncoderModel`` (2 heads of 16,
-    d_ff 64, gated GELU as in T5 v1.1); the same ``seed`` gives the same weights in every process.
-    """
-    if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 1:
-        raise ValueError(f"tiny_t5_text_encoder: d_model must be a positive int, got {d_model!r}")
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2} | {f"<0x{b:02X}>": 3 + b for b in range(256)}
-    # No merges and no byte tokens as text: every character falls back to its UTF-8 bytes.
-    backend = Tokenizer(tok_models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
-    backend.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
-    backend.post_processor = processors.TemplateProcessing(
-        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token="<pad>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        model_max_length=max_length,
-        padding_side="right",
-    )
-    config = T5Config(
-        vocab_size=len(vocab),
-        d_model=d_model,
-        d_kv=16,
-        d_ff=64,
-        num_layers=2,
-        num_heads=2,
-        feed_forward_proj="gated-gelu",
-        dropout_rate=0.0,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
-    with torch.random.fork_rng(devices=[]):  # seed the initialisation without touching the caller's RNG
-        torch.manual_seed(seed)
-        model = T5EncoderModel(config)
-    return T5TextEncoder(tokenizer, model.to(dtype), max_length=max_length)
-
-
 def encode_prompts_shared(
     encoder: T5TextEncoder | None,
     prompts: Sequence[str],
@@ -237,29 +189,13 @@ def encode_prompts_shared(
     rank raises instead of some blocking: ``src`` re-raises its error, the others raise ``ValueError``
     (``RuntimeError`` if ``src``'s error was not a ``ValueError``) naming it.
     """
-    size = group.size()
-    if isinstance(src, bool) or not isinstance(src, int) or not 0 <= src < size:
-        raise ValueError(f"encode_prompts_shared: src={src!r} must be a group rank in [0, {size})")
-    device = torch.device(device)
-    is_src = group.rank() == src
-    tensors: tuple[torch.Tensor, torch.Tensor] | None = None
-    error: Exception | None = None
-    status: list[Any] = [None]  # None, or (is a ValueError, message) when src failed
-    if is_src:
-        try:
-            if encoder is None:
-                raise ValueError(f"encode_prompts_shared: group rank {src} (src) must pass a T5TextEncoder, got None")
-            tensors = encoder.encode(prompts)
-        except Exception as e:  # reported to every rank below, then re-raised here
-            error = e
-            status = [(isinstance(e, ValueError), f"{type(e).__name__}: {e}")]
-    dist.broadcast_object_list(status, group=group, group_src=src, device=device)
-    if status[0] is not None:
-        if error is not None:
-            raise error
-        is_value_error, message = status[0]
-        raise (ValueError if is_value_error else RuntimeError)(
-            f"encode_prompts_shared: group rank {src} (src) could not encode the prompts: {message}"
-        )
-    y, mask = broadcast_tensors(tensors, group, src=src, device=device)
-    return y, mask
+
+    def encode() -> dict[str, torch.Tensor]:
+        if encoder is None:
+            raise ValueError(f"encode_prompts_shared: group rank {src} (src) must pass a T5TextEncoder, got None")
+        y, mask = encoder.encode(prompts)
+        return {"y": y, "mask": mask}
+
+    what = "encode_prompts_shared: encoding the prompts"
+    got = compute_on_rank(encode, group, src=src, device=device, what=what)
+    return got["y"], got["mask"]

@@ -5,7 +5,7 @@ ids (``shard_sequence`` order), and either its chunk of the text tokens (``text=
 default: no rank repeats text work) or all of them (``text="replicate"``); on a ``batch`` axis it
 also takes its samples. The model's own rotary embedding is then built from this rank's ids, so
 it covers exactly this rank's tokens. Every attention module gets a
-:class:`~attention.processors.FluxSequenceParallelProcessor`; everything else in FLUX is per
+:class:`~models.flux.processor.FluxSequenceParallelProcessor`; everything else in FLUX is per
 token or per sample and runs unchanged. The output is gathered, so callers see the single-GPU
 interface and shapes. Only this instance changes: its processors and an instance-level
 ``forward``; no class is touched.
@@ -22,7 +22,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-from attention.processors import FluxSequenceParallelProcessor, JointLayout
+from models.flux.processor import FluxSequenceParallelProcessor, JointLayout
 from xdit_core.agreement import agreed, input_signature
 from xdit_core.collectives import gather, gather_sequence, shard, split_sizes
 from xdit_core.graphs import CudaGraphed

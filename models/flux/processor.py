@@ -1,9 +1,10 @@
-"""Attention processors that run diffusers attention modules on a sequence-parallel mesh.
+"""FLUX's attention processor on a sequence-parallel mesh, beside the adapter that installs it.
 
-A processor has the call signature of the diffusers processor it replaces and computes the same
-function; only the attention itself goes through :func:`usp_attention` (Ulysses × ring). The
-per-call token layout (which tokens this rank holds) arrives as the keyword ``sp_layout``, which
-the model adapter adds to ``joint_attention_kwargs``; the processor keeps no per-call state.
+The processor has the call signature of diffusers' ``FluxAttnProcessor`` and computes the same
+function; only the attention itself goes through :func:`~attention.usp.usp_attention` (Ulysses ×
+ring). The per-call token layout (which tokens this rank holds, :class:`JointLayout`) arrives as
+the keyword ``sp_layout``, which the adapter (:mod:`models.flux.adapter`) adds to
+``joint_attention_kwargs``; the processor keeps no per-call state.
 """
 
 from __future__ import annotations
