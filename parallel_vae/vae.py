@@ -5,7 +5,7 @@ latents ``z``. Each takes its row band of them (plus one halo row on each side, 
 has), decodes the band with :func:`~parallel_vae.decoder.decode_band`, and the image bands are
 gathered to every rank or to one. Video VAEs (:class:`~parallel_vae.video.VideoVAE`, e.g.
 ``models.stdit.OpenSoraVAE``): ``vae.decode(z, num_frames)`` deals temporal chunks, then frames, to
-the ranks (:mod:`parallel_vae.video`). Only this instance changes (an instance-level ``decode``);
+the ranks (:mod:`parallel_vae.video`). Only this instance changes (a hook on ``decode``, ``"xdit.vae"``);
 :func:`unparallelize_vae` restores it.
 """
 
@@ -25,10 +25,11 @@ from parallel_vae.decoder import autoencoder_problems, decode_rows
 from parallel_vae.video import VideoVAE, check_ranks_per_frame, decode_video, frame_groups, is_video_vae
 from xdit_core.agreement import agreed, input_signature
 from xdit_core.collectives import all_gather, gather_to
+from xdit_core.hooks import Hook, get_hook, install_hook, remove_hook
 from xdit_core.mesh import ParallelMesh
 
 Tensor = torch.Tensor
-_STATE = "_xdit_vae_parallel"  # the instance attribute that marks a parallel VAE
+HOOK = "xdit.vae"  # the hook on ``decode`` that makes a VAE parallel (its presence marks one)
 
 
 @dataclass
@@ -37,7 +38,6 @@ class _VaeState:
     tile_rows: int | None
     gather_to: int | None
     backend: str
-    previous_decode: Callable[..., Any] | None
     ranks_per_frame: int | None = None  # video VAEs: the frame groups' size (None: chosen per call)
     frame_groups: dict[int, dist.ProcessGroup] | None = None  # video VAEs: this rank's group of each size
 
@@ -83,7 +83,7 @@ def parallelize_vae(
         )
     if not video and ranks_per_frame is not None:
         raise ValueError("parallelize_vae: ranks_per_frame applies to video VAEs only")
-    if getattr(vae, _STATE, None) is not None:
+    if is_parallel_vae(vae):
         raise ValueError("parallelize_vae: this VAE is already parallel (unparallelize_vae it first)")
     group = _group_of(mesh_or_group)
     check_tile_rows(tile_rows, "parallelize_vae")
@@ -93,11 +93,10 @@ def parallelize_vae(
     problems = autoencoder_problems(vae.spatial_vae.module if video else vae)
     if problems:
         raise ValueError("parallelize_vae cannot decode this VAE exactly:\n  " + "\n  ".join(problems))
-    state = _VaeState(group, tile_rows, gather_to, backend, vae.__dict__.get("decode"), ranks_per_frame)
+    state = _VaeState(group, tile_rows, gather_to, backend, ranks_per_frame)
     if video:
         state.frame_groups = frame_groups(group)
-        vae.decode = _video_decode(vae, state)
-        setattr(vae, _STATE, state)
+        install_hook(vae, HOOK, _ParallelDecode(_video_decode(vae, state)), method="decode")
         return vae
 
     def decode(z: Tensor, return_dict: bool = True, generator: torch.Generator | None = None) -> Any:
@@ -113,9 +112,18 @@ def parallelize_vae(
         sample = _decode(vae, state, z)
         return DecoderOutput(sample=sample) if return_dict else (sample,)
 
-    vae.decode = decode
-    setattr(vae, _STATE, state)
+    install_hook(vae, HOOK, _ParallelDecode(decode), method="decode")
     return vae
+
+
+class _ParallelDecode(Hook):
+    """Takes the place of ``decode``: the banded decode across the ranks (the VAE's own is not called)."""
+
+    def __init__(self, decode: Callable[..., Any]) -> None:
+        self.decode = decode
+
+    def call(self, module: torch.nn.Module, inner: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        return self.decode(*args, **kwargs)
 
 
 def _video_decode(vae: VideoVAE, state: _VaeState) -> Callable[..., Tensor]:
@@ -143,19 +151,14 @@ def _video_decode(vae: VideoVAE, state: _VaeState) -> Callable[..., Tensor]:
 
 def is_parallel_vae(vae: AutoencoderKL | VideoVAE) -> bool:
     """Whether :func:`parallelize_vae` made this instance parallel."""
-    return getattr(vae, _STATE, None) is not None
+    return get_hook(vae, HOOK, method="decode") is not None
 
 
 def unparallelize_vae(vae: AutoencoderKL | VideoVAE) -> AutoencoderKL | VideoVAE:
     """Undo :func:`parallelize_vae`: the VAE's own ``decode`` again; returns the same instance."""
-    state: _VaeState | None = getattr(vae, _STATE, None)
-    if state is None:
+    if not is_parallel_vae(vae):
         raise ValueError("unparallelize_vae: this VAE is not parallel")
-    if state.previous_decode is None:
-        del vae.decode
-    else:
-        vae.decode = state.previous_decode
-    delattr(vae, _STATE)
+    remove_hook(vae, HOOK, method="decode")
     return vae
 
 

@@ -53,6 +53,10 @@ def flux_inputs(batch: int, height: int, width: int, text: int, seed: int) -> di
 SHAPES = [(1, 5, 7, 11), (2, 4, 4, 6), (1, 3, 3, 2), (3, 7, 3, 13)]
 
 
+def _negative(neg: dict) -> dict:
+    return {"encoder_hidden_states": neg["encoder_hidden_states"], "pooled_projections": neg["pooled_projections"]}
+
+
 def _flux_worker(meshes: list[tuple[int, int, int]]) -> list[str]:
     worker_setup()
     model = tiny_transformer()
@@ -105,6 +109,19 @@ def _cfg_and_errors_worker() -> list[str]:
                 }
             ).sample
             assert agreed_max(max(excess(got_cond, want_cond), excess(got_uncond, want_uncond))) <= 0
+        # the uncond call may get a copy of the latents (paired by value, not by object identity) ...
+        model(**cond)
+        copied = {**cond, "hidden_states": cond["hidden_states"].clone(), **_negative(neg)}
+        assert agreed_max(excess(model(**copied).sample, want_uncond)) <= 0
+        # ... but not other latents
+        model(**cond)
+        other = {**cond, "hidden_states": cond["hidden_states"] + 1, **_negative(neg)}
+        try:
+            model(**other)
+        except RuntimeError as e:
+            assert "uncond call on the same latents" in str(e)
+        else:
+            raise AssertionError("true-CFG pairing accepted the uncond call on other latents")
         pair_cfg_calls(model, None)
         unparallelize_flux(model)
 

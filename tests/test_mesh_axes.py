@@ -1,21 +1,30 @@
 """Named mesh axes, meshes on a subset of the world's ranks, and meshes from a user's torch ``DeviceMesh``.
 
-One spawn of 4 gloo ranks: ranks 1–2 run parallel FLUX on their own mesh (equal to the plain model)
-while ranks 0 and 3 work in a group of their own; ``from_device_mesh`` on user-built device meshes
-gives the groups and layout of ``build``; bad layouts and rank lists raise the same error everywhere.
+One spawn of 4 gloo ranks: ranks 1–2 run parallel FLUX on their own mesh (equal to the plain model,
+with its CUDA-graph hook and a diffusers hook on top) while ranks 0 and 3 work in a group of their
+own; ``from_device_mesh`` on user-built device meshes gives the groups and layout of ``build``; bad
+layouts and rank lists raise the same error everywhere.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from diffusers.hooks import HookRegistry, ModelHook
 from dist_utils import excess, expect_value_errors, run_ranks, worker_setup
 from test_flux import flux_inputs, tiny_transformer
 from torch.distributed.device_mesh import init_device_mesh
 
 from models import parallelize_flux, unparallelize_flux
 from xdit_core import ParallelMesh, gather_sequence, shard_sequence
+from xdit_core.hooks import hook_names
 from xdit_core.mesh import AXES
+
+
+class _Double(ModelHook):
+    def post_forward(self, module, output):
+        output.sample = output.sample * 2
+        return output
 
 
 def _members(mesh: ParallelMesh) -> dict[str, list[int]]:
@@ -48,10 +57,24 @@ def _subset_runs_flux(report: dict) -> None:
     inputs = flux_inputs(1, 5, 7, 11, seed=3)
     with torch.no_grad():
         plain = model(**inputs).sample
-        parallelize_flux(model, mesh)
+        parallelize_flux(model, mesh, cuda_graph=True)  # on CPU tensors the graph hook runs eagerly
         parallel = model(**inputs).sample
+        # a diffusers hook on the parallel transformer keeps working, and outlives unparallelize_flux
+        registry = HookRegistry.check_if_exists_or_initialize(model)
+        registry.register_hook(_Double(), "double")
+        doubled = model(**inputs).sample
+        assert hook_names(model) == ["xdit.flux", "xdit.cuda_graph"]
         unparallelize_flux(model)
-    report["flux excess"] = excess(parallel, plain, atol=1e-5, rtol=1e-4)
+        assert hook_names(model) == []
+        plain_doubled = model(**inputs).sample
+        registry.remove_hook("double")
+        again = model(**inputs).sample
+    report["flux excess"] = max(
+        excess(parallel, plain, atol=1e-5, rtol=1e-4),
+        excess(doubled, 2 * plain, atol=2e-5, rtol=1e-4),
+        excess(plain_doubled, 2 * plain, atol=0, rtol=0),
+        excess(again, plain, atol=0, rtol=0),
+    )
 
 
 def _from_device_mesh(report: dict) -> None:

@@ -9,11 +9,14 @@ model replays whole.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
+
+from xdit_core.hooks import Hook, install_hook, remove_hook
 
 
 class CudaGraphed:
@@ -68,3 +71,42 @@ class CudaGraphed:
         with torch.no_grad(), torch.cuda.graph(graph, pool=self.pool):
             out = self.fn(**static_kwargs)
         return graph, [x for x in static_leaves if isinstance(x, torch.Tensor)], out
+
+
+CUDA_GRAPH_HOOK = "xdit.cuda_graph"
+
+
+class _GraphHook(Hook):
+    """Replays the rest of the chain (and the module's method) from CUDA graphs, one per input signature."""
+
+    def __init__(self, signature: inspect.Signature, warmup: int) -> None:
+        self.signature = signature
+        self.inner: Callable[..., Any] | None = None
+        self.graphed = CudaGraphed(self._run_inner, warmup=warmup)
+
+    def _run_inner(self, **kwargs: Any) -> Any:
+        assert self.inner is not None
+        return self.inner(**kwargs)
+
+    def call(self, module: torch.nn.Module, inner: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        self.inner = inner  # the chain below this hook: the same function on every call
+        return self.graphed(**self.signature.bind(*args, **kwargs).arguments)
+
+
+def apply_cuda_graph(module: torch.nn.Module, *, method: str = "forward", warmup: int = 2) -> torch.nn.Module:
+    """Replay ``module``'s ``method`` from CUDA graphs (:class:`CudaGraphed`): a hook named
+    ``"xdit.cuda_graph"`` outside the hooks installed so far (e.g. a model adapter's), so the graph
+    holds the whole parallel call, collectives included. Returns ``module``; :func:`remove_cuda_graph` undoes it.
+
+    The call must return tensors (or tuples / diffusers outputs of them) and issue no host
+    synchronisation; calls that need gradients or hold non-CUDA tensors run eagerly.
+    """
+    hook = _GraphHook(inspect.signature(getattr(module, method)), warmup)
+    install_hook(module, CUDA_GRAPH_HOOK, hook, method=method)
+    return module
+
+
+def remove_cuda_graph(module: torch.nn.Module, *, method: str = "forward") -> torch.nn.Module:
+    """Undo :func:`apply_cuda_graph` (nothing if it was not applied); returns ``module``."""
+    remove_hook(module, CUDA_GRAPH_HOOK, method=method)
+    return module

@@ -7,8 +7,9 @@ also takes its samples. The model's own rotary embedding is then built from this
 it covers exactly this rank's tokens. Every attention module gets a
 :class:`~models.flux.processor.FluxSequenceParallelProcessor`; everything else in FLUX is per
 token or per sample and runs unchanged. The output is gathered, so callers see the single-GPU
-interface and shapes. Only this instance changes: its processors and an instance-level
-``forward``; no class is touched.
+interface and shapes. Only this instance changes: its processors and a hook on its ``forward``
+(``xdit_core.hooks``: ``"xdit.flux"``; ``cuda_graph=True`` adds ``"xdit.cuda_graph"`` around it,
+the pipeline's true-CFG pairing ``"xdit.cfg_pair"``); no class is touched.
 """
 
 from __future__ import annotations
@@ -20,17 +21,18 @@ from typing import Any
 
 import torch
 from diffusers import FluxTransformer2DModel
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from models.flux.processor import FluxSequenceParallelProcessor, JointLayout
 from xdit_core.agreement import agreed, input_signature
 from xdit_core.collectives import gather, gather_sequence, shard, split_sizes
-from xdit_core.graphs import CudaGraphed
+from xdit_core.graphs import apply_cuda_graph, remove_cuda_graph
+from xdit_core.hooks import Hook, get_hook, install_hook, remove_hook
 from xdit_core.mesh import ParallelMesh
 
 Tensor = torch.Tensor
 TEXT_MODES = ("shard", "replicate")
-_STATE = "_xdit_flux_parallel"  # the instance attribute that marks a parallelized transformer
+BOUNDARY_HOOK = "xdit.flux"  # the hook that makes a transformer parallel (its presence marks one)
+CFG_HOOK = "xdit.cfg_pair"
 _DEFAULT_PROCESSORS = {"FluxAttnProcessor", "FluxAttnProcessor2_0"}
 
 
@@ -39,7 +41,8 @@ class CfgPair:
     """True CFG on the batch axis: the cond and uncond calls of one step computed as one batch.
 
     Set on a parallel transformer (:func:`pair_cfg_calls`) while a pipeline runs that calls it
-    twice per step, cond then uncond, on the same latents. The cond call computes the batch
+    twice per step, cond then uncond, on latents of the same values (the same tensor, a copy or a cast
+    of it equal to it). The cond call computes the batch
     ``[cond; uncond]`` split over the ``batch`` axis and returns the cond half; the uncond call
     returns the other half without computing anything.
     """
@@ -55,8 +58,6 @@ class _FluxState:
     mesh: ParallelMesh
     text: str
     processors: dict[str, Any]
-    previous_forward: Callable[..., Any] | None
-    cfg: CfgPair | None = None
 
 
 def parallelize_flux(
@@ -80,7 +81,7 @@ def parallelize_flux(
     """
     if not isinstance(transformer, FluxTransformer2DModel):
         raise ValueError(f"parallelize_flux needs a diffusers FluxTransformer2DModel, got {type(transformer).__name__}")
-    if getattr(transformer, _STATE, None) is not None:
+    if get_hook(transformer, BOUNDARY_HOOK) is not None:
         raise ValueError("parallelize_flux: this transformer is already parallel (unparallelize_flux it first)")
     if text not in TEXT_MODES:
         raise ValueError(f"parallelize_flux: text must be one of {TEXT_MODES}, got {text!r}")
@@ -93,54 +94,62 @@ def parallelize_flux(
             f"parallelize_flux supports FLUX's default attention processor only; this transformer uses {foreign} "
             "(IP-Adapter and custom processors are not supported)"
         )
-    previous = transformer.__dict__.get("forward")  # an instance-level forward another tool installed
-    state = _FluxState(mesh=mesh, text=text, processors=processors, previous_forward=previous)
+    state = _FluxState(mesh=mesh, text=text, processors=processors)
     transformer.set_attn_processor(FluxSequenceParallelProcessor(mesh, backend=backend))
-    inner = transformer.forward
-    signature = inspect.signature(inner)
-
-    graphed = None
+    install_hook(transformer, BOUNDARY_HOOK, _Boundary(state, inspect.signature(transformer.forward)))
     if cuda_graph:
-        graphed = CudaGraphed(lambda **c: _sample_of(_parallel_call(inner, state, {**c, "return_dict": False})))
-
-    def run(call: dict[str, Any]) -> Any:
-        if graphed is None:
-            return _parallel_call(inner, state, call)
-        return_dict = call.pop("return_dict", True)
-        sample = graphed(**call)
-        return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
-
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        call = dict(signature.bind(*args, **kwargs).arguments)
-        return run(call) if state.cfg is None else _cfg_step(state.cfg, call, run)
-
-    transformer.forward = forward
-    setattr(transformer, _STATE, state)
+        apply_cuda_graph(transformer)
     return transformer
 
 
 def unparallelize_flux(transformer: FluxTransformer2DModel) -> FluxTransformer2DModel:
-    """Undo :func:`parallelize_flux`: the original processors and ``forward``; returns the same instance."""
-    state: _FluxState | None = getattr(transformer, _STATE, None)
-    if state is None:
+    """Undo :func:`parallelize_flux` (and a CUDA graph or CFG pairing on it): the original processors
+    and ``forward``; returns the same instance."""
+    boundary = get_hook(transformer, BOUNDARY_HOOK)
+    if not isinstance(boundary, _Boundary):
         raise ValueError("unparallelize_flux: this transformer is not parallel")
-    transformer.set_attn_processor(state.processors)
-    if state.previous_forward is None:
-        del transformer.forward
-    else:
-        transformer.forward = state.previous_forward
-    delattr(transformer, _STATE)
+    remove_hook(transformer, CFG_HOOK)
+    remove_cuda_graph(transformer)  # its graphs hold the parallel call
+    transformer.set_attn_processor(boundary.state.processors)
+    remove_hook(transformer, BOUNDARY_HOOK)
     return transformer
 
 
+class _Boundary(Hook):
+    """The model boundary: shard the call's inputs over the mesh, run the model, gather the output."""
+
+    def __init__(self, state: _FluxState, signature: inspect.Signature) -> None:
+        self.state = state
+        self.signature = signature
+
+    def call(self, module: torch.nn.Module, inner: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        return _parallel_call(inner, self.state, dict(self.signature.bind(*args, **kwargs).arguments))
+
+
+class _CfgPairing(Hook):
+    """True CFG on the batch axis (:class:`CfgPair`), outside the boundary (and a CUDA graph)."""
+
+    def __init__(self, pair: CfgPair, signature: inspect.Signature) -> None:
+        self.pair = pair
+        self.signature = signature
+
+    def call(self, module: torch.nn.Module, inner: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        call = dict(self.signature.bind(*args, **kwargs).arguments)
+        return _cfg_step(self.pair, call, lambda c: inner(**c))
+
+
 def pair_cfg_calls(transformer: FluxTransformer2DModel, pair: CfgPair | None) -> None:
-    """Start (``pair``) or stop (``None``) computing true-CFG call pairs on the batch axis."""
-    state: _FluxState | None = getattr(transformer, _STATE, None)
-    if state is None:
+    """Start (``pair``) or stop (``None``) computing true-CFG call pairs on the batch axis (a hook
+    named ``"xdit.cfg_pair"``, outermost)."""
+    boundary = get_hook(transformer, BOUNDARY_HOOK)
+    if not isinstance(boundary, _Boundary):
         raise ValueError("pair_cfg_calls: the transformer is not parallel")
-    if pair is not None and state.mesh.batch_size == 1:
+    remove_hook(transformer, CFG_HOOK)
+    if pair is None:
+        return
+    if boundary.state.mesh.batch_size == 1:
         raise ValueError("pair_cfg_calls: the mesh has no batch axis to split the CFG pair over")
-    state.cfg = pair
+    install_hook(transformer, CFG_HOOK, _CfgPairing(pair, inspect.signature(transformer.forward)))
 
 
 def _ids(ids: Tensor, name: str) -> Tensor:
@@ -252,7 +261,7 @@ def _cfg_step(pair: CfgPair, call: dict[str, Any], run: Callable[[dict[str, Any]
     hidden = call["hidden_states"]
     if pair.pending is not None:  # the uncond call: its result was computed with the cond call
         latents, out = pair.pending
-        if hidden is not latents:
+        if not _same_values(hidden, latents):
             raise RuntimeError(
                 "true-CFG pairing: the call after the cond call must be the uncond call on the same latents"
             )
@@ -281,6 +290,13 @@ def _cfg_step(pair: CfgPair, call: dict[str, Any], run: Callable[[dict[str, Any]
     cond, uncond = _sample_of(out).split(batch)
     pair.pending = (hidden, _with_sample(_copy_container(out), uncond))
     return _with_sample(out, cond)
+
+
+def _same_values(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` holds ``b``'s values: the same tensor (no work), else compared (one host sync)."""
+    if a is b:
+        return True
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b))
 
 
 def _copy_container(out: Any) -> Any:

@@ -15,7 +15,7 @@ axis it also keeps only its samples (the CFG pair splits there). Then
   faster (2×H200, 720p 4 s: 1399 ms against 1440 ms per step) and fits every frame count.
 
 The final layer runs on the local tokens; the patches are gathered, then unpatchified, so every rank
-returns the full output. Only this instance changes (processors and an instance-level ``forward``).
+returns the full output. Only this instance changes (processors and a hook on ``forward``, ``"xdit.stdit"``).
 """
 
 from __future__ import annotations
@@ -38,11 +38,12 @@ from models.stdit.attention import (
 from models.stdit.model import STDiT3
 from xdit_core.agreement import agreed, input_signature
 from xdit_core.collectives import all_to_all, gather, shard, split_sizes
+from xdit_core.hooks import Hook, get_hook, install_hook, remove_hook
 from xdit_core.mesh import ParallelMesh
 
 Tensor = torch.Tensor
 SPATIAL_MODES = ("usp", "dsp")
-_STATE = "_xdit_stdit_parallel"
+BOUNDARY_HOOK = "xdit.stdit"  # the hook that makes a model parallel (its presence marks one)
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,6 @@ class _StditState:
     mesh: ParallelMesh
     spatial: str
     processors: dict[int, Any]
-    previous_forward: Callable[..., Any] | None
 
 
 def parallelize_stdit(model: STDiT3, mesh: ParallelMesh, *, spatial: str = "usp", backend: str = "auto") -> STDiT3:
@@ -134,7 +134,7 @@ def parallelize_stdit(model: STDiT3, mesh: ParallelMesh, *, spatial: str = "usp"
     """
     if not isinstance(model, STDiT3):
         raise ValueError(f"parallelize_stdit needs an STDiT3, got {type(model).__name__}")
-    if getattr(model, _STATE, None) is not None:
+    if get_hook(model, BOUNDARY_HOOK) is not None:
         raise ValueError("parallelize_stdit: this model is already parallel (unparallelize_stdit it first)")
     if not isinstance(mesh, ParallelMesh):
         raise ValueError(f"parallelize_stdit needs a ParallelMesh, got {type(mesh).__name__}")
@@ -144,35 +144,36 @@ def parallelize_stdit(model: STDiT3, mesh: ParallelMesh, *, spatial: str = "usp"
     foreign = sorted({type(a.processor).__name__ for a in spatial_attn} - {"LocalSelfAttention"})
     if foreign:
         raise ValueError(f"parallelize_stdit: the spatial attention has custom processors {foreign}")
-    state = _StditState(mesh, spatial, {id(a): a.processor for a in spatial_attn}, model.__dict__.get("forward"))
+    state = _StditState(mesh, spatial, {id(a): a.processor for a in spatial_attn})
     if mesh.sp_size > 1:  # on a batch-only mesh every rank holds whole frames: the plain attention stays
         processor = UspSpatialAttention(mesh, backend) if spatial == "usp" else DspSpatialAttention(mesh)
         for attn in spatial_attn:
             attn.processor = processor
-    signature = inspect.signature(model.forward)
-
-    def forward(*args: Any, **kwargs: Any) -> Tensor:
-        call = signature.bind(*args, **kwargs)
-        return _parallel_forward(model, state, dict(call.arguments))
-
-    model.forward = forward
-    setattr(model, _STATE, state)
+    install_hook(model, BOUNDARY_HOOK, _Boundary(model, state, inspect.signature(model.forward)))
     return model
 
 
 def unparallelize_stdit(model: STDiT3) -> STDiT3:
     """Undo :func:`parallelize_stdit`: the original processors and ``forward``; returns the same instance."""
-    state: _StditState | None = getattr(model, _STATE, None)
-    if state is None:
+    boundary = get_hook(model, BOUNDARY_HOOK)
+    if not isinstance(boundary, _Boundary):
         raise ValueError("unparallelize_stdit: this model is not parallel")
     for block in model.spatial_blocks:
-        block.attn.processor = state.processors[id(block.attn)]
-    if state.previous_forward is None:
-        del model.forward
-    else:
-        model.forward = state.previous_forward
-    delattr(model, _STATE)
+        block.attn.processor = boundary.state.processors[id(block.attn)]
+    remove_hook(model, BOUNDARY_HOOK)
     return model
+
+
+class _Boundary(Hook):
+    """The model boundary: shard positions (and samples) over the mesh, run the blocks, gather the output."""
+
+    def __init__(self, model: STDiT3, state: _StditState, signature: inspect.Signature) -> None:
+        self.model = model
+        self.state = state
+        self.signature = signature
+
+    def call(self, module: torch.nn.Module, inner: Callable[..., Any], args: tuple, kwargs: dict) -> Tensor:
+        return _parallel_forward(self.model, self.state, dict(self.signature.bind(*args, **kwargs).arguments))
 
 
 def _parallel_forward(model: STDiT3, state: _StditState, call: dict[str, Any]) -> Tensor:
