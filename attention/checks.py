@@ -78,10 +78,6 @@ class SequenceCall:
     key_mask: torch.Tensor | None  # on the host
     joint_key_mask: torch.Tensor | None  # on the host
 
-    @property
-    def self_attention(self) -> bool:
-        return self.kv_lengths == self.lengths
-
 
 def check_sequence_call(
     q: torch.Tensor,

@@ -21,7 +21,7 @@ from attention.joint import attend_layout
 from attention.local import run_masked
 from attention.masking import Keep, block_keep
 from xdit_core.blocks import copy_words
-from xdit_core.collectives import Group, all_to_all, shard, split_sizes
+from xdit_core.collectives import Group, all_to_all, process_group_of, shard, split_sizes
 from xdit_core.peer import PeerExchange
 
 Tensor = torch.Tensor
@@ -37,13 +37,14 @@ def ulysses_core(
     lengths: list[int],
     kv_lengths: list[int] | None,
     with_lse: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor | None]:
     """Head-scatter q/k/v over ``group``, run ``inner`` on ``[B, sum(lengths), H_rank, D]``, scatter back.
 
     ``lengths``: every group rank's number of query tokens, in rank order (this rank's is q's
     length); ``kv_lengths``: the same for k/v (``lengths`` itself for self-attention), or ``None``
     when k/v are replicated (every rank then keeps its own heads of them). ``inner`` returns
-    ``(out, lse)``; the result is ``out [B, S_local, H, D]``, with ``with_lse`` also ``lse [B, H, S_local]``.
+    ``(out, lse)``; the result is ``(out [B, S_local, H, D], lse [B, H, S_local])``, the lse ``None``
+    unless ``with_lse``.
     Self-attention without the lse uses one exchange each way; with a ``PeerExchange`` those
     exchanged tensors are views of its buffer (``transient``): ``inner`` reads q/k/v before the
     output exchange, and the output is copied out below.
@@ -51,7 +52,7 @@ def ulysses_core(
     world = group.size()
     if world == 1:
         out, lse = inner(q, k, v)
-        return (out, lse) if with_lse else out
+        return out, lse if with_lse else None
     heads = split_sizes(q.shape[2], world)
     self_attention = kv_lengths == lengths and k.shape == q.shape
     transient = self_attention and not with_lse  # exactly two exchanges: a transient pair
@@ -67,8 +68,7 @@ def ulysses_core(
     else:
         (q,) = scatter_heads((q,), lengths)
         if kv_lengths is None:  # replicated: this rank's heads, their gradients all-gathered back
-            process_group = group.group if isinstance(group, PeerExchange) else group
-            k, v = shard(k, process_group, dim=2), shard(v, process_group, dim=2)
+            k, v = shard(k, process_group_of(group), dim=2), shard(v, process_group_of(group), dim=2)
         else:
             k, v = scatter_heads((k, v), kv_lengths)
     out, lse = inner(q, k, v)
@@ -80,7 +80,7 @@ def ulysses_core(
         # autograd does not follow a copy through integer words
         out = out.contiguous() if out.requires_grad else copy_words(out.new_empty(out.shape), out)
     if not with_lse:
-        return out
+        return out, None
     lse = all_to_all(
         (lse.transpose(1, 2),), group, scatter_dim=1, gather_dim=2, scatter_sizes=lengths, gather_sizes=heads,
         check_ranks=False,
@@ -129,7 +129,7 @@ def ulysses_attention(
     ``group``: a process group (NCCL all-to-alls) or a :class:`~xdit_core.PeerExchange` over one
     (direct writes into the peers' GPU memory; faster on GPUs joined by NVLink).
     """
-    process_group = group.group if isinstance(group, PeerExchange) else group
+    process_group = process_group_of(group)
     call = check_sequence_call(
         q, k, v, group=process_group, group_rank=group.rank(), seq_len=seq_len, kv_seq_len=kv_seq_len,
         kv_replicated=kv_replicated, key_mask=key_mask, joint=joint, joint_key_mask=joint_key_mask, scale=scale,
@@ -142,7 +142,6 @@ def ulysses_attention(
         def local(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
             return run_masked(call.backend, q, k, v, call.scale, block_keep(keep, 0, k.shape[1], q.device))
 
-        result = ulysses_core(q, k, v, group, local, lengths, kv_lengths, with_lse=return_lse)
-        return result if return_lse else (result, None)
+        return ulysses_core(q, k, v, group, local, lengths, kv_lengths, with_lse=return_lse)
 
     return attend_layout(attend, q, k, v, process_group, call, return_lse)

@@ -74,10 +74,9 @@ def usp_attention(
         def ring(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
             return ring_attention_core(q, k, v, mesh.ring_group, call.scale, call.backend, ring_kv, keep, True)
 
-        result = ulysses_core(
+        return ulysses_core(
             q, k, v, mesh.ulysses_transport, ring, mine(lengths), None if kv_lengths is None else mine(kv_lengths),
             with_lse=return_lse,
         )  # fmt: skip
-        return result if return_lse else (result, None)
 
     return attend_layout(attend, q, k, v, mesh.sp_group, call, return_lse)

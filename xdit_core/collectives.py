@@ -27,6 +27,11 @@ if TYPE_CHECKING:
 Group = dist.ProcessGroup | PeerExchange
 
 
+def process_group_of(group: Group) -> dist.ProcessGroup:
+    """The process group under a transport (a ``PeerExchange``'s group, or the group itself)."""
+    return group.group if isinstance(group, PeerExchange) else group
+
+
 def split_sizes(total: int, parts: int) -> list[int]:
     """Sizes of ``torch.tensor_split`` of ``total`` items into ``parts`` chunks (the first ones larger)."""
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
@@ -227,9 +232,9 @@ def all_to_all(
     dtypes and shapes (one small collective per new call signature; ``xdit_core.agreement``).
     """
     tensors = tuple(tensors)
-    process_group = group.group if isinstance(group, PeerExchange) else group
+    grad = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in tensors)
     plan = agreed(
-        process_group,
+        process_group_of(group),
         "all_to_all",
         check_ranks,
         lambda: _plan_all_to_all(
@@ -244,13 +249,13 @@ def all_to_all(
             (plan.scatter_dim, plan.gather_dim),
             tuple(plan.scatter_sizes),
             tuple(plan.gather_sizes),
-            torch.is_grad_enabled() and any(x.requires_grad for x in tensors),
+            grad,
         ),
     )
     if group.size() == 1:
         return tensors
     args = (plan.scatter_dim, plan.gather_dim, plan.scatter_sizes, plan.gather_sizes)
-    if not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors)):  # inference: skip autograd's cost
+    if not grad:  # inference: skip autograd's cost
         return _all_to_all_forward(tensors, group, *args, transient)
     return _AllToAll.apply(group, *args, *tensors)
 
