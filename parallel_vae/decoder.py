@@ -24,6 +24,7 @@ from attention.ring import ring_attention
 from parallel_vae.bands import ROWS, Band, row_slab
 from parallel_vae.conv import Halos, add_band_conv_, band_conv, conv_problems
 from parallel_vae.norm import norm_prologue
+from xdit_core.plan import Gather, Placement, Plan, Split, split
 
 Tensor = torch.Tensor
 ELEMENTWISE_ACTS = (nn.SiLU, nn.Mish, nn.GELU, nn.ReLU)
@@ -179,21 +180,37 @@ def autoencoder_problems(vae: AutoencoderKL) -> list[str]:
     return problems
 
 
+def row_plan(scale: int, to: int | None = None) -> Plan:
+    """The banded decode's boundary: the latents' rows dealt over axis ``rows`` with one halo row on each
+    side (``conv_in``'s 3×3 window; every rank has all latents, so the halo costs nothing), the image's
+    rows (``scale`` per latent row) gathered back to every rank, or to group rank ``to``."""
+    return Plan(
+        "parallel VAE decode",
+        inputs=(Split("latents", ROWS, "rows", halo=1),),
+        outputs=(Gather("image", ROWS, "rows", like="latents", scale=scale, to=to),),
+    )
+
+
+def upsampling(vae: AutoencoderKL) -> int:
+    """Image rows per latent row: 2 per upsampler of the decoder (each is nearest ×2, see :func:`decoder_problems`)."""
+    return 2 ** sum(len(up.upsamplers or ()) for up in vae.decoder.up_blocks)
+
+
 def decode_rows(
     vae: AutoencoderKL, z: Tensor, group: dist.ProcessGroup, *, tile_rows: int | None, backend: str
-) -> tuple[Tensor, list[int]]:
-    """This rank's row band ``[B, 3, rows, W]`` of ``vae.decode(z)`` and every rank's image rows.
+) -> tuple[Tensor, Placement]:
+    """This rank's row band ``[B, 3, rows, W]`` of ``vae.decode(z)``, and the split's placement (gather
+    the bands with :func:`row_plan`).
 
     ``z`` ``[B, C, h, w]``: the whole latents, the same on every rank of ``group`` (``h`` ≥ ranks).
     Collective over ``group``."""
-    band = Band.split(z.shape[ROWS], group, tile_rows)
-    lo, hi = max(band.start - 1, 0), min(band.start + band.rows + 1, band.height)
-    rows = row_slab(z, lo, hi)  # the band and its halo rows: every rank has all latents
+    band = Band.split(z.shape[ROWS], group, tile_rows)  # refuses fewer rows than ranks
+    local, placement = split(row_plan(upsampling(vae)), {"rows": group}, {"latents": z})
+    rows = local["latents"]  # the band and its halo rows
     if vae.post_quant_conv is not None:
         rows = vae.post_quant_conv(rows)
-    above = row_slab(rows, 0, 1) if not band.is_top else None
-    below = row_slab(rows, rows.shape[ROWS] - 1, rows.shape[ROWS]) if not band.is_bottom else None
-    own = row_slab(rows, band.start - lo, band.start - lo + band.rows)
-    image = decode_band(vae.decoder, own, (above, below), band, backend=backend)
-    scale = image.shape[ROWS] // band.rows
-    return image, [n * scale for n in band.sizes]
+    before, after = placement.halos.get(("latents", "rows"), (0, 0))
+    above = row_slab(rows, 0, 1) if before else None
+    below = row_slab(rows, rows.shape[ROWS] - 1, rows.shape[ROWS]) if after else None
+    own = placement.own(rows, "latents", "rows", ROWS)
+    return decode_band(vae.decoder, own, (above, below), band, backend=backend), placement

@@ -21,12 +21,12 @@ from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DecoderOutput
 
 from parallel_vae.bands import ROWS, check_tile_rows
-from parallel_vae.decoder import autoencoder_problems, decode_rows
+from parallel_vae.decoder import autoencoder_problems, decode_rows, row_plan, upsampling
 from parallel_vae.video import VideoVAE, check_ranks_per_frame, decode_video, frame_groups, is_video_vae
 from xdit_core.agreement import agreed, input_signature
-from xdit_core.collectives import all_gather, gather_to
 from xdit_core.hooks import Hook, get_hook, install_hook, remove_hook
 from xdit_core.mesh import ParallelMesh
+from xdit_core.plan import gather
 
 Tensor = torch.Tensor
 HOOK = "xdit.vae"  # the hook on ``decode`` that makes a VAE parallel (its presence marks one)
@@ -187,10 +187,6 @@ def _decode(vae: AutoencoderKL, state: _VaeState, z: Tensor) -> Tensor:
 
 
 def _decode_sample(vae: AutoencoderKL, state: _VaeState, z: Tensor) -> Tensor:
-    image, sizes = decode_rows(vae, z, state.group, tile_rows=state.tile_rows, backend=state.backend)
-    if state.group.size() == 1:
-        return image
-    if state.gather_to is None:
-        return all_gather(image, state.group, dim=ROWS % image.dim(), sizes=sizes)
-    gathered = gather_to(image, state.group, dim=ROWS % image.dim(), sizes=sizes, dst=state.gather_to)
-    return image if gathered is None else gathered
+    image, placement = decode_rows(vae, z, state.group, tile_rows=state.tile_rows, backend=state.backend)
+    plan = row_plan(upsampling(vae), to=state.gather_to)
+    return gather(plan, {"rows": state.group}, {"image": image}, placement)["image"]

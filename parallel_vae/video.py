@@ -34,9 +34,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallel_vae.bands import ROWS
-from parallel_vae.decoder import decode_rows
+from parallel_vae.decoder import decode_rows, row_plan, upsampling
 from xdit_core.collectives import all_gather, gather_to, split_sizes
+from xdit_core.plan import gather
 
 Tensor = torch.Tensor
 
@@ -153,14 +153,14 @@ def decode_video(
     g, member = divmod(rank, r)
     start = sum(per_group[:g])
     own = latents[start : start + per_group[g]]
-    bands, row_sizes = [], None
+    bands, placement = [], None
     module = vae.spatial_vae.module
     for xs in own.split(vae.micro_batch_size) if own.shape[0] else ():
-        band, row_sizes = decode_rows(module, vae.spatial_input(xs), frame_group, tile_rows=tile_rows, backend=backend)
+        band, placement = decode_rows(module, vae.spatial_input(xs), frame_group, tile_rows=tile_rows, backend=backend)
         bands.append(band)
     frames = torch.cat(bands) if bands else None
-    if frames is not None and r > 1:
-        frames = all_gather(frames, frame_group, dim=ROWS % frames.dim(), sizes=row_sizes)
+    if frames is not None and r > 1:  # the rows of the group's frames (every frame split alike)
+        frames = gather(row_plan(upsampling(module)), {"rows": frame_group}, {"image": frames}, placement)["image"]
     if frames is None:  # a group without frames (more groups than frames): still takes part below
         frames = _empty_frames(vae, latents)
     # every member contributes a distinct run of its group's frames, so the gather is in frame order

@@ -145,6 +145,7 @@ def _cfg_and_errors_worker() -> list[str]:
 
     with torch.no_grad():
         small = flux_inputs(1, 1, 1, 3, seed=4)
+        single_attn = model.single_transformer_blocks[0].attn
         messages = expect_value_errors(
             {
                 "twice": lambda: parallelize_flux(model, mesh2),
@@ -153,6 +154,12 @@ def _cfg_and_errors_worker() -> list[str]:
                 "bad text mode": lambda: parallelize_flux(tiny_transformer(), mesh2, text="split"),
                 "not flux": lambda: parallelize_flux(torch.nn.Linear(2, 2), mesh2),
                 "ids mismatch": lambda: model(**{**cond, "img_ids": cond["img_ids"][:-1]}),
+                "ip-adapter": lambda: model(
+                    **cond, joint_attention_kwargs={"ip_adapter_image_embeds": [cond["txt_ids"]]}
+                ),
+                "attention on its own": lambda: single_attn(
+                    hidden_states=torch.ones(1, 4, single_attn.to_q.in_features)
+                ),
             }
         )
     unparallelize_flux(model)
@@ -187,5 +194,7 @@ def test_flux_cfg_pairs_gradients_and_errors() -> None:
         "text must be one of",
         "FluxTransformer2DModel",
         "img_ids has",
+        "IP-Adapter inputs are not supported",
+        "no parallel call in progress",
     ):
         assert needle in text, text

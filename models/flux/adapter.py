@@ -24,16 +24,49 @@ from diffusers import FluxTransformer2DModel
 
 from models.flux.processor import FluxSequenceParallelProcessor, JointLayout
 from xdit_core.agreement import agreed, input_signature
-from xdit_core.collectives import gather, gather_sequence, shard, split_sizes
+from xdit_core.context import CallContext
 from xdit_core.graphs import apply_cuda_graph, remove_cuda_graph
 from xdit_core.hooks import Hook, get_hook, install_hook, remove_hook
 from xdit_core.mesh import ParallelMesh
+from xdit_core.plan import Gather, Placement, Plan, Replicate, Split, gather, split
 
 Tensor = torch.Tensor
 TEXT_MODES = ("shard", "replicate")
 BOUNDARY_HOOK = "xdit.flux"  # the hook that makes a transformer parallel (its presence marks one)
 CFG_HOOK = "xdit.cfg_pair"
 _DEFAULT_PROCESSORS = {"FluxAttnProcessor", "FluxAttnProcessor2_0"}
+
+# Inputs with one entry per sample (a leading dim of the batch's size; shared ones pass through).
+_PER_SAMPLE = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance")
+_CONTROLNET = ("controlnet_block_samples", "controlnet_single_block_samples")  # lists of [B, image tokens, C]
+
+
+def flux_plan(text: str) -> Plan:
+    """FLUX's boundary: samples over ``batch``; image tokens (and their ids, ControlNet residuals)
+    over ``sp``; text tokens over ``sp`` too (``text="shard"``) or whole on every rank
+    (``"replicate"``: joint tokens); the output sample gathered back over both."""
+    if text == "shard":
+        text_entries: tuple[Split | Replicate, ...] = (
+            Split("encoder_hidden_states", 1, "sp"),
+            Split("txt_ids", 0, "sp"),
+        )
+    else:
+        text_entries = (Replicate("encoder_hidden_states", "sp"), Replicate("txt_ids", "sp"))
+    return Plan(
+        "parallel FLUX",
+        inputs=(
+            *(Split(name, 0, "batch", per_sample=True) for name in (*_PER_SAMPLE, *_CONTROLNET)),
+            Split("hidden_states", 1, "sp"),
+            Split("img_ids", 0, "sp"),
+            *text_entries,
+            *(Split(name, 1, "sp") for name in _CONTROLNET),
+        ),
+        outputs=(Gather("sample", 1, "sp", like="hidden_states"), Gather("sample", 0, "batch", like="hidden_states")),
+        batch="hidden_states",
+    )
+
+
+FLUX_PLANS = {text: flux_plan(text) for text in TEXT_MODES}
 
 
 @dataclass
@@ -57,7 +90,12 @@ class CfgPair:
 class _FluxState:
     mesh: ParallelMesh
     text: str
-    processors: dict[str, Any]
+    processors: dict[str, Any]  # the originals, restored by unparallelize_flux
+    context: CallContext[JointLayout]  # the call's token layout, read by the processors
+
+    @property
+    def plan(self) -> Plan:
+        return FLUX_PLANS[self.text]
 
 
 def parallelize_flux(
@@ -94,8 +132,9 @@ def parallelize_flux(
             f"parallelize_flux supports FLUX's default attention processor only; this transformer uses {foreign} "
             "(IP-Adapter and custom processors are not supported)"
         )
-    state = _FluxState(mesh=mesh, text=text, processors=processors)
-    transformer.set_attn_processor(FluxSequenceParallelProcessor(mesh, backend=backend))
+    context = CallContext("parallel FLUX", JointLayout)
+    state = _FluxState(mesh=mesh, text=text, processors=processors, context=context)
+    transformer.set_attn_processor(FluxSequenceParallelProcessor(mesh, context, backend=backend))
     install_hook(transformer, BOUNDARY_HOOK, _Boundary(state, inspect.signature(transformer.forward)))
     if cuda_graph:
         apply_cuda_graph(transformer)
@@ -160,10 +199,6 @@ def _ids(ids: Tensor, name: str) -> Tensor:
     return ids
 
 
-def _per_sample(x: Tensor | None, batch: int) -> bool:
-    return x is not None and x.dim() >= 1 and x.shape[0] == batch and batch > 1
-
-
 def _check_call(mesh: ParallelMesh, call: dict[str, Any]) -> tuple[Tensor, Tensor, int, int, int]:
     """``(img_ids, txt_ids [tokens, 3], batch, image tokens, text tokens)`` of a valid call; else a ``ValueError``."""
     hidden, context = call.get("hidden_states"), call.get("encoder_hidden_states")
@@ -175,6 +210,8 @@ def _check_call(mesh: ParallelMesh, call: dict[str, Any]) -> tuple[Tensor, Tenso
             f"parallel FLUX: hidden_states {tuple(hidden.shape)} and encoder_hidden_states {tuple(context.shape)} "
             "must be [B, tokens, channels] with the same B"
         )
+    if "ip_adapter_image_embeds" in (call.get("joint_attention_kwargs") or {}):
+        raise ValueError("parallel FLUX: IP-Adapter inputs are not supported")
     img_ids, txt_ids = _ids(img_ids, "img_ids"), _ids(txt_ids, "txt_ids")
     batch, image_len, text_len = hidden.shape[0], hidden.shape[1], context.shape[1]
     if img_ids.shape[0] != image_len or txt_ids.shape[0] != text_len:
@@ -196,12 +233,12 @@ def _check_call(mesh: ParallelMesh, call: dict[str, Any]) -> tuple[Tensor, Tenso
 
 
 def _parallel_call(inner: Callable[..., Any], state: _FluxState, call: dict[str, Any]) -> Any:
-    """Shard ``call``'s inputs over ``state.mesh``, run ``inner`` on them, gather its output.
+    """Split ``call``'s inputs over ``state.mesh`` as the plan says, run ``inner`` on them, gather its output.
 
     First the ranks agree that they all make this call (same shapes and options), or all raise.
     """
     mesh = state.mesh
-    img_ids, txt_ids, batch, image_len, text_len = agreed(
+    img_ids, txt_ids, _, _, text_len = agreed(
         mesh.world_group,
         "parallel FLUX",
         mesh.check_ranks,
@@ -209,40 +246,19 @@ def _parallel_call(inner: Callable[..., Any], state: _FluxState, call: dict[str,
         tuple(call),
         lambda _: tuple(input_signature(value) for value in call.values()),
     )
-    local = dict(call)
-    batch_sizes = split_sizes(batch, mesh.batch_size)
-    for name in ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance"):
-        local[name] = _my_samples(local.get(name), mesh, batch)
-    local["hidden_states"] = shard(local["hidden_states"], mesh.sp_group, dim=1)
-    local["img_ids"] = shard(img_ids, mesh.sp_group, dim=0)
-    if state.text == "shard":
-        local["encoder_hidden_states"] = shard(local["encoder_hidden_states"], mesh.sp_group, dim=1)
-        local["txt_ids"] = shard(txt_ids, mesh.sp_group, dim=0)
-        text_lens = tuple(split_sizes(text_len, mesh.sp_size))
-    else:
-        local["txt_ids"] = txt_ids
-        text_lens = (text_len,) * mesh.sp_size
-    for name in ("controlnet_block_samples", "controlnet_single_block_samples"):
-        if local.get(name) is not None:  # image-token residuals [B, image tokens, C]
-            local[name] = [shard(_my_samples(x, mesh, batch), mesh.sp_group, dim=1) for x in local[name]]
-    kwargs = dict(local.get("joint_attention_kwargs") or {})
-    if "ip_adapter_image_embeds" in kwargs:
-        raise ValueError("parallel FLUX: IP-Adapter inputs are not supported")
-    image_lens = split_sizes(image_len, mesh.sp_size)
-    kwargs["sp_layout"] = JointLayout(text_lens, tuple(image_lens), state.text == "replicate")
-    local["joint_attention_kwargs"] = kwargs
-    out = inner(**local)
-    sample = gather_sequence(_sample_of(out), mesh, dim=1, seq_len=image_lens)
-    if mesh.batch_size > 1:
-        sample = gather(sample, mesh.batch_group, dim=0, sizes=batch_sizes)
+    local, placement = split(state.plan, mesh.groups, {**call, "img_ids": img_ids, "txt_ids": txt_ids})
+    with state.context.entered(_layout(state, placement, text_len)):
+        out = inner(**local)
+    sample = gather(state.plan, mesh.groups, {"sample": _sample_of(out)}, placement)["sample"]
     return _with_sample(out, sample)
 
 
-def _my_samples(x: Tensor | None, mesh: ParallelMesh, batch: int) -> Tensor | None:
-    """This rank's samples of a per-sample input (leading dim ``batch``) on the batch axis; others as they are."""
-    if mesh.batch_size > 1 and _per_sample(x, batch):
-        return shard(x, mesh.batch_group, dim=0)
-    return x
+def _layout(state: _FluxState, placement: Placement, text_len: int) -> JointLayout:
+    """The tokens each sequence-parallel rank holds after the split: what the processors attend over."""
+    image_lens = placement.sizes_of("hidden_states", "sp")
+    if state.text == "replicate":
+        return JointLayout((text_len,) * len(image_lens), image_lens, replicated_text=True)
+    return JointLayout(placement.sizes_of("encoder_hidden_states", "sp"), image_lens, replicated_text=False)
 
 
 def _sample_of(out: Any) -> Tensor:

@@ -2,9 +2,11 @@
 
 The processor has the call signature of diffusers' ``FluxAttnProcessor`` and computes the same
 function; only the attention itself goes through :func:`~attention.usp.usp_attention` (Ulysses ×
-ring). The per-call token layout (which tokens this rank holds, :class:`JointLayout`) arrives as
-the keyword ``sp_layout``, which the adapter (:mod:`models.flux.adapter`) adds to
-``joint_attention_kwargs``; the processor keeps no per-call state.
+ring). The per-call token layout (which tokens each rank holds, :class:`JointLayout`) is read from
+the model's :class:`~xdit_core.context.CallContext`, which the adapter's boundary
+(:mod:`models.flux.adapter`) fills from its split for the duration of each call; nothing travels
+through diffusers' ``joint_attention_kwargs``. The layout is read inside the part compiled code does
+not trace (the collectives), so a new image size does not recompile the blocks.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
 from attention.usp import usp_attention
+from xdit_core.context import CallContext
 from xdit_core.mesh import ParallelMesh
 
 Tensor = torch.Tensor
@@ -43,12 +46,19 @@ class JointLayout:
 
 @torch.compiler.disable
 def _parallel_attention(
-    q: Tensor, k: Tensor, v: Tensor, mesh: ParallelMesh, layout: JointLayout, text_len: int, backend: str
+    q: Tensor, k: Tensor, v: Tensor, mesh: ParallelMesh, context: CallContext[JointLayout], backend: str
 ) -> Tensor:
-    """Attention over the joint sequence spread as ``layout`` says; q, k, v ``[B, T + I_local, H, D]``.
+    """Attention over the joint sequence spread as the call's layout says; q, k, v ``[B, T + I_local, H, D]``.
 
-    Outside torch.compile's graphs: the collectives and kernel choice run eagerly.
+    Outside torch.compile's graphs: the layout, the collectives and the kernel choice run eagerly.
     """
+    layout, rank = context.layout, mesh.sp_rank
+    text_len = layout.text_lens[rank]
+    if q.shape[1] != text_len + layout.image_lens[rank]:
+        raise ValueError(
+            f"FluxSequenceParallelProcessor: rank {rank} holds {q.shape[1]} tokens, but the layout says "
+            f"{text_len} text + {layout.image_lens[rank]} image"
+        )
     if not layout.replicated_text:
         return usp_attention(q, k, v, mesh, seq_len=layout.local_lens, backend=backend)
     split = (text_len, q.shape[1] - text_len)
@@ -63,11 +73,13 @@ class FluxSequenceParallelProcessor:
 
     Double-stream blocks pass image tokens as ``hidden_states`` and text tokens as
     ``encoder_hidden_states``; single-stream blocks pass the concatenation ``[text; image]``. Both
-    hold this rank's tokens as ``sp_layout`` describes; ``image_rotary_emb`` covers exactly them.
+    hold this rank's tokens as the call's :class:`JointLayout` (in ``context``) describes;
+    ``image_rotary_emb`` covers exactly them.
     """
 
-    def __init__(self, mesh: ParallelMesh, *, backend: str = "auto") -> None:
+    def __init__(self, mesh: ParallelMesh, context: CallContext[JointLayout], *, backend: str = "auto") -> None:
         self.mesh = mesh
+        self.context = context
         self.backend = backend
 
     def __call__(
@@ -77,17 +89,9 @@ class FluxSequenceParallelProcessor:
         encoder_hidden_states: Tensor | None = None,
         attention_mask: Tensor | None = None,
         image_rotary_emb: tuple[Tensor, Tensor] | None = None,
-        sp_layout: JointLayout | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        if sp_layout is None:
-            raise ValueError(
-                "FluxSequenceParallelProcessor needs the sp_layout keyword: call the transformer that "
-                "models.parallelize_flux returned, not a block or attention module on its own"
-            )
         if attention_mask is not None:
             raise ValueError("FluxSequenceParallelProcessor: attention_mask is not supported (FLUX passes none)")
-        rank = self.mesh.sp_rank
-        text_len = sp_layout.text_lens[rank]
         joint_stream = encoder_hidden_states is not None
         if attn.fused_projections:
             q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
@@ -105,18 +109,14 @@ class FluxSequenceParallelProcessor:
             eq, ek, ev = (x.unflatten(-1, (-1, attn.head_dim)) for x in (eq, ek, ev))
             eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
             q, k, v = torch.cat((eq, q), dim=1), torch.cat((ek, k), dim=1), torch.cat((ev, v), dim=1)
-        if q.shape[1] != text_len + sp_layout.image_lens[rank]:
-            raise ValueError(
-                f"FluxSequenceParallelProcessor: rank {rank} holds {q.shape[1]} tokens, but the layout says "
-                f"{text_len} text + {sp_layout.image_lens[rank]} image"
-            )
         if image_rotary_emb is not None:
             q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
             k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
-        out = _parallel_attention(q, k, v, self.mesh, sp_layout, text_len, self.backend)
+        out = _parallel_attention(q, k, v, self.mesh, self.context, self.backend)
         out = out.flatten(2, 3).to(q.dtype)
         if not joint_stream:
             return out
+        text_len = encoder_hidden_states.shape[1]
         text_out, out = out.split((text_len, out.shape[1] - text_len), dim=1)
         out = attn.to_out[1](attn.to_out[0](out.contiguous()))
         return out, attn.to_add_out(text_out.contiguous())

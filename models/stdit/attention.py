@@ -9,7 +9,7 @@ arithmetic without touching the weights. Tokens arrive as ``[B, T·S, C]`` in ``
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,7 @@ Rope = Callable[[Tensor], Tensor]
 
 
 class SelfAttentionProcessor(Protocol):
-    def __call__(self, attn: SelfAttention, x: Tensor, *, frames: int, rope: Rope | None, **kwargs: Any) -> Tensor: ...
+    def __call__(self, attn: SelfAttention, x: Tensor, *, frames: int, rope: Rope | None) -> Tensor: ...
 
 
 class SelfAttention(nn.Module):
@@ -51,8 +51,8 @@ class SelfAttention(nn.Module):
             q, k = (rope(t.transpose(1, 2)).transpose(1, 2) for t in (q, k))
         return q, k, v
 
-    def forward(self, x: Tensor, *, frames: int, rope: Rope | None = None, **kwargs: Any) -> Tensor:
-        return self.processor(self, x, frames=frames, rope=rope, **kwargs)
+    def forward(self, x: Tensor, *, frames: int, rope: Rope | None = None) -> Tensor:
+        return self.processor(self, x, frames=frames, rope=rope)
 
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -76,7 +76,7 @@ def from_attention_layout(x: Tensor, batch: int, axis: str) -> Tensor:
 class LocalSelfAttention:
     """The single-device computation: every token of the sequence is on this device."""
 
-    def __call__(self, attn: SelfAttention, x: Tensor, *, frames: int, rope: Rope | None, **kwargs: Any) -> Tensor:
+    def __call__(self, attn: SelfAttention, x: Tensor, *, frames: int, rope: Rope | None) -> Tensor:
         seq = to_attention_layout(x, frames, attn.axis)
         out = sdpa(*attn.project_qkv(seq, rope)).flatten(2)
         return attn.proj(from_attention_layout(out, x.shape[0], attn.axis))

@@ -78,7 +78,7 @@ class STDiT3Block(nn.Module):
             return None
         return (self.scale_shift_table[None] + t_mlp.unflatten(1, (6, -1))).chunk(6, dim=1)
 
-    def forward(self, x: Tensor, cond: Conditioning, rope: RotaryEmbedding, attn_kwargs: dict[str, Any]) -> Tensor:
+    def forward(self, x: Tensor, cond: Conditioning, rope: RotaryEmbedding) -> Tensor:
         """``x`` ``[B, T·S, C]`` in ``(t, s)`` order → the same shape."""
         mod, mod0 = self._modulation(cond.t_mlp), self._modulation(cond.t0_mlp)
         frames, x_mask = cond.frames, cond.x_mask
@@ -95,7 +95,7 @@ class STDiT3Block(nn.Module):
             per_frame = torch.where(x_mask[:, :, None, None], mod[gate][:, None], mod0[gate][:, None])  # [B, T, 1, C]
             return torch.addcmul(x.unflatten(1, (frames, -1)), per_frame, h.unflatten(1, (frames, -1))).flatten(1, 2)
 
-        h = self.attn(modulated(self.norm1, 0, 1), frames=frames, rope=rope if self.temporal else None, **attn_kwargs)
+        h = self.attn(modulated(self.norm1, 0, 1), frames=frames, rope=rope if self.temporal else None)
         x = add_gated(x, h, 2)
         x = x + self.cross_attn(x, cond.y, cond.y_mask)
         return add_gated(x, self.mlp(modulated(self.norm2, 3, 4)), 5)
@@ -173,7 +173,7 @@ class STDiT3(nn.Module):
         width: Tensor | float | None = None,
     ) -> Tensor:
         tokens, cond, grid = self.prepare(x, timestep, y, mask, x_mask, fps, height, width)
-        out = self.run_blocks(tokens.flatten(1, 2), cond, {})
+        out = self.run_blocks(tokens.flatten(1, 2), cond)
         return self.unpatchify(self.final(out, cond), grid)
 
     def prepare(
@@ -217,12 +217,11 @@ class STDiT3(nn.Module):
         )  # fmt: skip
         return tokens, cond, grid
 
-    def run_blocks(self, x: Tensor, cond: Conditioning, attn_kwargs: dict[str, Any]) -> Tensor:
-        """The ``depth`` (spatial, temporal) pairs on tokens ``[B, T·S, C]``; ``attn_kwargs`` go to every
-        self-attention processor."""
+    def run_blocks(self, x: Tensor, cond: Conditioning) -> Tensor:
+        """The ``depth`` (spatial, temporal) pairs on tokens ``[B, T·S, C]``."""
         for spatial, temporal in zip(self.spatial_blocks, self.temporal_blocks, strict=True):
-            x = spatial(x, cond, self.rope, attn_kwargs)
-            x = temporal(x, cond, self.rope, attn_kwargs)
+            x = spatial(x, cond, self.rope)
+            x = temporal(x, cond, self.rope)
         return x
 
     def final(self, x: Tensor, cond: Conditioning) -> Tensor:

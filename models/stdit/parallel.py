@@ -37,13 +37,29 @@ from models.stdit.attention import (
 )
 from models.stdit.model import STDiT3
 from xdit_core.agreement import agreed, input_signature
-from xdit_core.collectives import all_to_all, gather, shard, split_sizes
+from xdit_core.collectives import all_to_all, split_sizes
+from xdit_core.context import CallContext
 from xdit_core.hooks import Hook, get_hook, install_hook, remove_hook
 from xdit_core.mesh import ParallelMesh
+from xdit_core.plan import Gather, Plan, Split, gather, split
 
 Tensor = torch.Tensor
 SPATIAL_MODES = ("usp", "dsp")
 BOUNDARY_HOOK = "xdit.stdit"  # the hook that makes a model parallel (its presence marks one)
+
+# STDiT3's boundary: the inputs' samples over ``batch``; inside, the tokens ``[B, T, S, C]`` that
+# ``prepare`` makes (position embedding added) over ``sp`` by spatial position; the per-token
+# patches ``[B, T, S, P]`` of the final layer gathered back over both.
+STDIT_PLAN = Plan(
+    "parallel STDiT3",
+    inputs=(
+        *(Split(name, 0, "batch", per_sample=True) for name in ("x", "timestep", "y", "mask", "x_mask")),
+        *(Split(name, 0, "batch", per_sample=True) for name in ("fps", "height", "width")),
+        Split("tokens", 2, "sp"),
+    ),
+    outputs=(Gather("patches", 2, "sp", like="tokens"), Gather("patches", 0, "batch", like="x")),
+    batch="x",
+)
 
 
 @dataclass(frozen=True)
@@ -57,28 +73,25 @@ class SpatialLayout:
 class UspSpatialAttention:
     """Spatial attention over the positions of each frame, sharded by position: USP over the mesh."""
 
-    def __init__(self, mesh: ParallelMesh, backend: str) -> None:
-        self.mesh, self.backend = mesh, backend
+    def __init__(self, mesh: ParallelMesh, context: CallContext[SpatialLayout], backend: str) -> None:
+        self.mesh, self.context, self.backend = mesh, context, backend
 
-    def __call__(
-        self, attn: SelfAttention, x: Tensor, *, frames: int, rope: Rope | None, sp_layout: SpatialLayout, **_: Any
-    ) -> Tensor:
+    def __call__(self, attn: SelfAttention, x: Tensor, *, frames: int, rope: Rope | None) -> Tensor:
         seq = to_attention_layout(x, frames, "spatial")  # [(B T), S_local, C]
         q, k, v = attn.project_qkv(seq, rope)
-        out = usp_attention(q, k, v, self.mesh, seq_len=list(sp_layout.positions), backend=self.backend)
+        positions = list(self.context.layout.positions)
+        out = usp_attention(q, k, v, self.mesh, seq_len=positions, backend=self.backend)
         return attn.proj(from_attention_layout(out.flatten(2), x.shape[0], "spatial"))
 
 
 class DspSpatialAttention:
     """Spatial attention with the sharded axis switched from positions to frames around it (DSP)."""
 
-    def __init__(self, mesh: ParallelMesh) -> None:
-        self.mesh = mesh
+    def __init__(self, mesh: ParallelMesh, context: CallContext[SpatialLayout]) -> None:
+        self.mesh, self.context = mesh, context
 
-    def __call__(
-        self, attn: SelfAttention, x: Tensor, *, frames: int, rope: Rope | None, sp_layout: SpatialLayout, **_: Any
-    ) -> Tensor:
-        group, layout = self.mesh.sp_group, sp_layout
+    def __call__(self, attn: SelfAttention, x: Tensor, *, frames: int, rope: Rope | None) -> Tensor:
+        group, layout = self.mesh.sp_group, self.context.layout
         grid = x.unflatten(1, (frames, -1))  # [B, T, S_local, C]
         frames_sizes, position_sizes = list(layout.frames), list(layout.positions)
         (whole,) = all_to_all(
@@ -122,7 +135,8 @@ def _check_call(model: STDiT3, state: _StditState, call: dict[str, Any]) -> tupl
 class _StditState:
     mesh: ParallelMesh
     spatial: str
-    processors: dict[int, Any]
+    processors: dict[int, Any]  # the originals, restored by unparallelize_stdit
+    context: CallContext[SpatialLayout]  # the call's positions and frames per rank, read by the processors
 
 
 def parallelize_stdit(model: STDiT3, mesh: ParallelMesh, *, spatial: str = "usp", backend: str = "auto") -> STDiT3:
@@ -144,9 +158,12 @@ def parallelize_stdit(model: STDiT3, mesh: ParallelMesh, *, spatial: str = "usp"
     foreign = sorted({type(a.processor).__name__ for a in spatial_attn} - {"LocalSelfAttention"})
     if foreign:
         raise ValueError(f"parallelize_stdit: the spatial attention has custom processors {foreign}")
-    state = _StditState(mesh, spatial, {id(a): a.processor for a in spatial_attn})
+    context = CallContext("parallel STDiT3", SpatialLayout)
+    state = _StditState(mesh, spatial, {id(a): a.processor for a in spatial_attn}, context)
     if mesh.sp_size > 1:  # on a batch-only mesh every rank holds whole frames: the plain attention stays
-        processor = UspSpatialAttention(mesh, backend) if spatial == "usp" else DspSpatialAttention(mesh)
+        processor = (
+            UspSpatialAttention(mesh, context, backend) if spatial == "usp" else DspSpatialAttention(mesh, context)
+        )
         for attn in spatial_attn:
             attn.processor = processor
     install_hook(model, BOUNDARY_HOOK, _Boundary(model, state, inspect.signature(model.forward)))
@@ -178,8 +195,7 @@ class _Boundary(Hook):
 
 def _parallel_forward(model: STDiT3, state: _StditState, call: dict[str, Any]) -> Tensor:
     mesh = state.mesh
-    x = call["x"]
-    frames, positions, grid = agreed(
+    frames, _, grid = agreed(
         mesh.world_group,
         "parallel STDiT3",
         mesh.check_ranks,
@@ -187,18 +203,12 @@ def _parallel_forward(model: STDiT3, state: _StditState, call: dict[str, Any]) -
         tuple(call),
         lambda _: tuple(input_signature(value) for value in call.values()),
     )
-    batch = x.shape[0]
-    if mesh.batch_size > 1:  # this rank's samples of every per-sample input
-        for name in ("x", "timestep", "y", "mask", "x_mask", "fps", "height", "width"):
-            value = call.get(name)
-            if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == batch:
-                call[name] = shard(value, mesh.batch_group, dim=0)
-    tokens, cond, _ = model.prepare(**call)
-    layout = SpatialLayout(tuple(split_sizes(positions, mesh.sp_size)), tuple(split_sizes(frames, mesh.sp_size)))
-    local = shard(tokens, mesh.sp_group, dim=2).flatten(1, 2)  # [B_local, T·S_local, C]
-    out = model.run_blocks(local, cond, {"sp_layout": layout})
+    local, placement = split(STDIT_PLAN, mesh.groups, call)  # this rank's samples
+    tokens, cond, _ = model.prepare(**local)
+    tokens = split(STDIT_PLAN, mesh.groups, {"tokens": tokens}, placement)[0]["tokens"]  # its positions
+    layout = SpatialLayout(placement.sizes_of("tokens", "sp"), tuple(split_sizes(frames, mesh.sp_size)))
+    with state.context.entered(layout):
+        out = model.run_blocks(tokens.flatten(1, 2), cond)  # [B_local, T·S_local, C]
     patches = model.final(out, cond).unflatten(1, (frames, -1))  # [B_local, T, S_local, P]
-    patches = gather(patches, mesh.sp_group, dim=2, sizes=list(layout.positions))
-    if mesh.batch_size > 1:
-        patches = gather(patches, mesh.batch_group, dim=0, sizes=split_sizes(batch, mesh.batch_size))
+    patches = gather(STDIT_PLAN, mesh.groups, {"patches": patches}, placement)["patches"]
     return model.unpatchify(patches.flatten(1, 2), grid)
