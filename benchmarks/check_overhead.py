@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from flux_workload import FLUX_DEV, build_flux, flux_inputs  # beside this script (its folder is on sys.path)
+from flux_model import FLUX_DEV, build_flux, flux_inputs  # beside this script (its folder is on sys.path)
 
 from attention import ulysses_attention
 from models import parallelize_flux, unparallelize_flux
