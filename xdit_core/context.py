@@ -46,6 +46,11 @@ class CallContext(Generic[T]):
             self._layout = None
 
     @property
+    def active(self) -> bool:
+        """Whether a call is in progress."""
+        return self._layout is not None
+
+    @property
     def layout(self) -> T:
         """The current call's layout; a ``ValueError`` outside a call of the parallel model."""
         if self._layout is None:

@@ -165,16 +165,39 @@ class _Boundary(Hook):
         return _parallel_call(inner, self.state, dict(self.signature.bind(*args, **kwargs).arguments))
 
 
+@dataclass(frozen=True)
+class CfgBranches:
+    """The two branches a paired call computes as one batch: ``batch`` samples each, cond first."""
+
+    batch: int
+    names: tuple[str, str] = ("cond", "uncond")
+
+
 class _CfgPairing(Hook):
     """True CFG on the batch axis (:class:`CfgPair`), outside the boundary (and a CUDA graph)."""
 
     def __init__(self, pair: CfgPair, signature: inspect.Signature) -> None:
         self.pair = pair
         self.signature = signature
+        self.branches = CallContext("true-CFG pairing", CfgBranches)  # set while a paired call runs
 
     def call(self, module: torch.nn.Module, inner: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         call = dict(self.signature.bind(*args, **kwargs).arguments)
-        return _cfg_step(self.pair, call, lambda c: inner(**c))
+        batch = call["hidden_states"].shape[0]
+
+        def paired(c: dict[str, Any]) -> Any:
+            with self.branches.entered(CfgBranches(batch)):
+                return inner(**c)
+
+        return _cfg_step(self.pair, call, paired)
+
+
+def cfg_branches(transformer: FluxTransformer2DModel) -> CfgBranches | None:
+    """The branches of the true-CFG paired call in progress on ``transformer`` (``None``: no paired call)."""
+    pairing = get_hook(transformer, CFG_HOOK)
+    if not isinstance(pairing, _CfgPairing) or not pairing.branches.active:
+        return None
+    return pairing.branches.layout
 
 
 def pair_cfg_calls(transformer: FluxTransformer2DModel, pair: CfgPair | None) -> None:
@@ -255,10 +278,10 @@ def _parallel_call(inner: Callable[..., Any], state: _FluxState, call: dict[str,
 
 def _layout(state: _FluxState, placement: Placement, text_len: int) -> JointLayout:
     """The tokens each sequence-parallel rank holds after the split: what the processors attend over."""
-    image_lens = placement.sizes_of("hidden_states", "sp")
+    image_lens, samples = placement.sizes_of("hidden_states", "sp"), placement.sizes_of("hidden_states", "batch")
     if state.text == "replicate":
-        return JointLayout((text_len,) * len(image_lens), image_lens, replicated_text=True)
-    return JointLayout(placement.sizes_of("encoder_hidden_states", "sp"), image_lens, replicated_text=False)
+        return JointLayout((text_len,) * len(image_lens), image_lens, True, samples)
+    return JointLayout(placement.sizes_of("encoder_hidden_states", "sp"), image_lens, False, samples)
 
 
 def _sample_of(out: Any) -> Tensor:

@@ -30,6 +30,11 @@ class ParallelFluxPipeline:
         self.pipe = pipe
         self.mesh = mesh
 
+    @property
+    def transformer(self) -> Any:
+        """The pipeline's (parallel) transformer: where a step cache attaches (``models.caching``)."""
+        return self.pipe.transformer
+
     @torch.no_grad()
     def __call__(
         self,

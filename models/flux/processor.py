@@ -26,17 +26,19 @@ Tensor = torch.Tensor
 
 @dataclass(frozen=True)
 class JointLayout:
-    """Where a joint (text + image) sequence lives on the sequence-parallel ranks.
+    """Where a joint (text + image) sequence lives on the ranks of the mesh.
 
     ``text_lens[p]`` / ``image_lens[p]``: the text and image tokens sequence-parallel rank ``p``
     holds, in ``sp_rank`` order. Every rank's local sequence is its text tokens followed by its
     image tokens. ``replicated_text``: every rank holds all text tokens (``text_lens`` then lists
-    the full text length for every rank).
+    the full text length for every rank). ``samples[b]``: the samples batch rank ``b`` holds (a
+    step cache reduces its decision over them).
     """
 
     text_lens: tuple[int, ...]
     image_lens: tuple[int, ...]
     replicated_text: bool
+    samples: tuple[int, ...]
 
     @property
     def local_lens(self) -> list[int]:

@@ -15,7 +15,11 @@ axis it also keeps only its samples (the CFG pair splits there). Then
   faster (2×H200, 720p 4 s: 1399 ms against 1440 ms per step) and fits every frame count.
 
 The final layer runs on the local tokens; the patches are gathered, then unpatchified, so every rank
-returns the full output. Only this instance changes (processors and a hook on ``forward``, ``"xdit.stdit"``).
+returns the full output. Only this instance changes: its processors and three hooks. ``"xdit.stdit"``
+on ``forward`` splits the samples and calls the model's own forward; inside it ``"xdit.stdit.tokens"``
+on ``prepare`` splits the tokens it returns and ``"xdit.stdit.patches"`` on ``unpatchify`` gathers
+the patches, all three applying ``STDIT_PLAN``. Hooks installed on ``forward`` inside the boundary
+(a step cache enabled before parallelizing) therefore see the call, as on one process.
 """
 
 from __future__ import annotations
@@ -41,11 +45,12 @@ from xdit_core.collectives import all_to_all, split_sizes
 from xdit_core.context import CallContext
 from xdit_core.hooks import Hook, get_hook, install_hook, remove_hook
 from xdit_core.mesh import ParallelMesh
-from xdit_core.plan import Gather, Plan, Split, gather, split
+from xdit_core.plan import Gather, Placement, Plan, Split, gather, split
 
 Tensor = torch.Tensor
 SPATIAL_MODES = ("usp", "dsp")
 BOUNDARY_HOOK = "xdit.stdit"  # the hook that makes a model parallel (its presence marks one)
+TOKENS_HOOK, PATCHES_HOOK = "xdit.stdit.tokens", "xdit.stdit.patches"
 
 # STDiT3's boundary: the inputs' samples over ``batch``; inside, the tokens ``[B, T, S, C]`` that
 # ``prepare`` makes (position embedding added) over ``sp`` by spatial position; the per-token
@@ -64,10 +69,12 @@ STDIT_PLAN = Plan(
 
 @dataclass(frozen=True)
 class SpatialLayout:
-    """Every sequence-parallel rank's spatial positions and frames, in ``sp_rank`` order."""
+    """Every sequence-parallel rank's spatial positions and frames, in ``sp_rank`` order; every batch
+    rank's samples."""
 
     positions: tuple[int, ...]
     frames: tuple[int, ...]
+    samples: tuple[int, ...]
 
 
 class UspSpatialAttention:
@@ -137,6 +144,7 @@ class _StditState:
     spatial: str
     processors: dict[int, Any]  # the originals, restored by unparallelize_stdit
     context: CallContext[SpatialLayout]  # the call's positions and frames per rank, read by the processors
+    placement: CallContext[Placement]  # the call's split, read by the tokens and patches hooks
 
 
 def parallelize_stdit(model: STDiT3, mesh: ParallelMesh, *, spatial: str = "usp", backend: str = "auto") -> STDiT3:
@@ -159,13 +167,16 @@ def parallelize_stdit(model: STDiT3, mesh: ParallelMesh, *, spatial: str = "usp"
     if foreign:
         raise ValueError(f"parallelize_stdit: the spatial attention has custom processors {foreign}")
     context = CallContext("parallel STDiT3", SpatialLayout)
-    state = _StditState(mesh, spatial, {id(a): a.processor for a in spatial_attn}, context)
+    placement = CallContext("parallel STDiT3", Placement)
+    state = _StditState(mesh, spatial, {id(a): a.processor for a in spatial_attn}, context, placement)
     if mesh.sp_size > 1:  # on a batch-only mesh every rank holds whole frames: the plain attention stays
         processor = (
             UspSpatialAttention(mesh, context, backend) if spatial == "usp" else DspSpatialAttention(mesh, context)
         )
         for attn in spatial_attn:
             attn.processor = processor
+    install_hook(model, TOKENS_HOOK, _Tokens(state), method="prepare")
+    install_hook(model, PATCHES_HOOK, _Patches(state), method="unpatchify")
     install_hook(model, BOUNDARY_HOOK, _Boundary(model, state, inspect.signature(model.forward)))
     return model
 
@@ -178,11 +189,13 @@ def unparallelize_stdit(model: STDiT3) -> STDiT3:
     for block in model.spatial_blocks:
         block.attn.processor = boundary.state.processors[id(block.attn)]
     remove_hook(model, BOUNDARY_HOOK)
+    remove_hook(model, TOKENS_HOOK, method="prepare")
+    remove_hook(model, PATCHES_HOOK, method="unpatchify")
     return model
 
 
 class _Boundary(Hook):
-    """The model boundary: shard positions (and samples) over the mesh, run the blocks, gather the output."""
+    """The model boundary: agree on the call, split its samples, run the model's own forward on them."""
 
     def __init__(self, model: STDiT3, state: _StditState, signature: inspect.Signature) -> None:
         self.model = model
@@ -190,25 +203,46 @@ class _Boundary(Hook):
         self.signature = signature
 
     def call(self, module: torch.nn.Module, inner: Callable[..., Any], args: tuple, kwargs: dict) -> Tensor:
-        return _parallel_forward(self.model, self.state, dict(self.signature.bind(*args, **kwargs).arguments))
+        state, call = self.state, dict(self.signature.bind(*args, **kwargs).arguments)
+        mesh = state.mesh
+        frames, positions, _ = agreed(
+            mesh.world_group,
+            "parallel STDiT3",
+            mesh.check_ranks,
+            lambda: _check_call(self.model, state, call),
+            tuple(call),
+            lambda _: tuple(input_signature(value) for value in call.values()),
+        )
+        local, placement = split(STDIT_PLAN, mesh.groups, call)  # this rank's samples
+        sizes = tuple(split_sizes(positions, mesh.sp_size)), tuple(split_sizes(frames, mesh.sp_size))
+        layout = SpatialLayout(*sizes, placement.sizes_of("x", "batch"))
+        with state.placement.entered(placement), state.context.entered(layout):
+            return inner(**local)
 
 
-def _parallel_forward(model: STDiT3, state: _StditState, call: dict[str, Any]) -> Tensor:
-    mesh = state.mesh
-    frames, _, grid = agreed(
-        mesh.world_group,
-        "parallel STDiT3",
-        mesh.check_ranks,
-        lambda: _check_call(model, state, call),
-        tuple(call),
-        lambda _: tuple(input_signature(value) for value in call.values()),
-    )
-    local, placement = split(STDIT_PLAN, mesh.groups, call)  # this rank's samples
-    tokens, cond, _ = model.prepare(**local)
-    tokens = split(STDIT_PLAN, mesh.groups, {"tokens": tokens}, placement)[0]["tokens"]  # its positions
-    layout = SpatialLayout(placement.sizes_of("tokens", "sp"), tuple(split_sizes(frames, mesh.sp_size)))
-    with state.context.entered(layout):
-        out = model.run_blocks(tokens.flatten(1, 2), cond)  # [B_local, T·S_local, C]
-    patches = model.final(out, cond).unflatten(1, (frames, -1))  # [B_local, T, S_local, P]
-    patches = gather(STDIT_PLAN, mesh.groups, {"patches": patches}, placement)["patches"]
-    return model.unpatchify(patches.flatten(1, 2), grid)
+class _Tokens(Hook):
+    """After ``prepare`` (position embedding added on the whole grid): this rank's positions of the tokens."""
+
+    def __init__(self, state: _StditState) -> None:
+        self.state = state
+
+    def post(self, module: torch.nn.Module, out: Any) -> Any:
+        tokens, cond, grid = out  # tokens [B_local, T, S, C]
+        placement = self.state.placement.layout
+        tokens = split(STDIT_PLAN, self.state.mesh.groups, {"tokens": tokens}, placement)[0]["tokens"]
+        return tokens, cond, grid
+
+
+class _Patches(Hook):
+    """Before ``unpatchify``: every rank's patches ``[B_local, T·S_local, P]`` gathered to the whole batch and grid."""
+
+    def __init__(self, state: _StditState) -> None:
+        self.state = state
+
+    def pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        patches, grid = args
+        frames = grid.tokens[0]
+        placement = self.state.placement.layout
+        local = {"patches": patches.unflatten(1, (frames, -1))}  # [B_local, T, S_local, P]
+        whole = gather(STDIT_PLAN, self.state.mesh.groups, local, placement)["patches"]
+        return (whole.flatten(1, 2), grid), kwargs
