@@ -103,8 +103,10 @@ def cache_summary(target: Any) -> dict[str, Any]:
     for name, branch in cache.branches.items():
         steps = []
         for record in branch.records:
-            blocks = f"computed 0–{units - 1}" if record.computed else f"reused {reused}" + (
-                f", computed {kept}" if kept else ""
+            blocks = (
+                f"computed 0–{units - 1}"
+                if record.computed
+                else f"reused {reused}" + (f", computed {kept}" if kept else "")
             )
             computed_units += units if record.computed else fn + bn
             total_units += units

@@ -102,11 +102,14 @@ class DBCacheConfig:
             )
 
     def label(self) -> str:
-        """cache-dit's short name, e.g. ``DBCache_F8B0_W8M-1MC-1_R0.08`` (``_T1`` with TaylorSeer, ``_S`` static)."""
+        """cache-dit's short name, e.g. ``DBCache_F8B0_W8M-1MC-1_R0.08`` (``_T1`` with TaylorSeer; ``_SCM12of28S``
+        with a static mask of 12 computed steps, ``D`` dynamic)."""
         text = (
             f"DBCache_F{self.Fn_compute_blocks}B{self.Bn_compute_blocks}_W{self.max_warmup_steps}"
-            f"M{self.max_cached_steps}MC{self.max_continuous_cached_steps}_R{self.residual_diff_threshold:g}"
+            f"M{self.max_cached_steps}MC{self.max_continuous_cached_steps}"
         )
+        if not self.static:  # a static mask never measures the change
+            text += f"_R{self.residual_diff_threshold:g}"
         if self.enable_taylorseer:
             text += f"_T{self.taylorseer_order}"
         if self.steps_computation_mask is not None:
