@@ -19,7 +19,6 @@ import time
 
 import torch
 import torch.distributed as dist
-from diffusers import FluxPipeline
 from example_setup import (
     check_flux_folder,
     check_output,
@@ -33,7 +32,7 @@ from example_setup import (
     seed_int,
 )
 
-from models import parallelize_flux_pipeline, tiny_flux_pipeline
+from models import load_flux_pipeline, parallelize_flux_pipeline, tiny_flux_pipeline
 from xdit_core import ParallelMesh
 
 TINY_MULTIPLE = 4  # the tiny pipeline's VAE downsamples 2×, and FLUX packs 2×2 latents
@@ -149,7 +148,7 @@ def main() -> None:
         if tiny:
             pipe = tiny_flux_pipeline(seed=0, dtype=dtype)
         else:
-            pipe = FluxPipeline.from_pretrained(args.model_path, torch_dtype=dtype)
+            pipe = load_flux_pipeline(args.model_path, mesh, torch_dtype=dtype)  # text encoders on rank 0 only
         pipe = pipe.to(ctx.device)
         pipe.set_progress_bar_config(disable=ctx.rank != 0)
         parallel = parallelize_flux_pipeline(

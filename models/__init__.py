@@ -3,6 +3,7 @@ and its adapter (``models.stdit``); tiny random models of both for CPUs (``model
 
 from models.flux import (
     ParallelFluxPipeline,
+    load_flux_pipeline,
     parallelize_flux,
     parallelize_flux_pipeline,
     unparallelize_flux,
@@ -15,6 +16,7 @@ __all__ = [
     "ParallelFluxPipeline",
     "STDiT3",
     "STDiT3Config",
+    "load_flux_pipeline",
     "parallelize_flux",
     "parallelize_flux_pipeline",
     "parallelize_stdit",

@@ -12,7 +12,8 @@ import torch.distributed as dist
 from diffusers import FluxPipeline
 from dist_utils import agreed_max, run_ranks, worker_setup
 
-from models import parallelize_flux_pipeline, unparallelize_flux_pipeline
+from models import load_flux_pipeline, parallelize_flux_pipeline, unparallelize_flux_pipeline
+from models.flux.pipeline import TEXT_COMPONENTS
 from models.testing import tiny_flux_pipeline
 from xdit_core import ParallelMesh
 
@@ -51,12 +52,12 @@ def generate(pipe, prompts: list[str], negative: str | None) -> np.ndarray:
 
 def _pipeline_worker(folder: str, cases: list) -> list[float]:
     worker_setup()
-    pipe = FluxPipeline.from_pretrained(folder)
+    pipe = load_flux_pipeline(folder, ParallelMesh.build(ulysses=dist.get_world_size()))
     pipe.set_progress_bar_config(disable=True)
+    # only rank 0 encodes text: the others load no text encoders or tokenizers
+    assert all((getattr(pipe, name) is None) == (dist.get_rank() != 0) for name in TEXT_COMPONENTS)
     reference_pipe = FluxPipeline.from_pretrained(folder)  # stays plain
     reference_pipe.set_progress_bar_config(disable=True)
-    if dist.get_rank() != 0:  # only rank 0 encodes text: the others need no text encoders
-        pipe.text_encoder = pipe.text_encoder_2 = None
     errors = []
     for u, r, b, text, prompts, negative in cases:
         expected = generate(reference_pipe, prompts, negative)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 from torch.utils import _pytree as pytree
 
 from xdit_core.hooks import Hook, install_hook, remove_hook
@@ -101,6 +102,11 @@ def apply_cuda_graph(module: torch.nn.Module, *, method: str = "forward", warmup
     The call must return tensors (or tuples / diffusers outputs of them) and issue no host
     synchronisation; calls that need gradients or hold non-CUDA tensors run eagerly.
     """
+    if isinstance(module, FSDPModule):
+        raise ValueError(
+            "apply_cuda_graph: this module's weights are sharded with FSDP2 (shard_weights), whose weight gathers "
+            "a CUDA graph cannot follow"
+        )
     hook = _GraphHook(inspect.signature(getattr(module, method)), warmup)
     install_hook(module, CUDA_GRAPH_HOOK, hook, method=method)
     return module

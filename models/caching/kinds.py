@@ -75,8 +75,9 @@ def _flux_streams(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor]:
     return hidden, context
 
 
-def kind_of(model: nn.Module) -> Kind:
-    """The cache's view of ``model``; a ``ValueError`` for a model whose blocks it cannot address."""
+def kind_of(model: nn.Module, what: str = "enable_cache") -> Kind:
+    """The cache's view of ``model``; a ``ValueError`` (naming ``what`` was called) for a model whose blocks
+    it cannot address."""
     if isinstance(model, FluxTransformer2DModel):
         return Kind(
             "FLUX",
@@ -100,6 +101,6 @@ def kind_of(model: nn.Module) -> Kind:
             STDIT_BOUNDARY,
         )
     raise ValueError(
-        f"enable_cache: cannot address the blocks of a {type(model).__name__} (supported: diffusers' "
+        f"{what}: cannot address the blocks of a {type(model).__name__} (supported: diffusers' "
         "FluxTransformer2DModel, STDiT3, and pipelines holding one as .transformer)"
     )

@@ -6,7 +6,12 @@ per-call token layout it reads. ``pipeline.py``: a stock ``FluxPipeline`` on a m
 """
 
 from models.flux.adapter import CfgPair, pair_cfg_calls, parallelize_flux, unparallelize_flux
-from models.flux.pipeline import ParallelFluxPipeline, parallelize_flux_pipeline, unparallelize_flux_pipeline
+from models.flux.pipeline import (
+    ParallelFluxPipeline,
+    load_flux_pipeline,
+    parallelize_flux_pipeline,
+    unparallelize_flux_pipeline,
+)
 from models.flux.processor import FluxSequenceParallelProcessor, JointLayout
 
 __all__ = [
@@ -14,6 +19,7 @@ __all__ = [
     "FluxSequenceParallelProcessor",
     "JointLayout",
     "ParallelFluxPipeline",
+    "load_flux_pipeline",
     "pair_cfg_calls",
     "parallelize_flux",
     "parallelize_flux_pipeline",
