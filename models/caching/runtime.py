@@ -58,7 +58,7 @@ class Branch:
     step: int = 0
     cached: int = 0
     continuous: int = 0
-    computed_once: bool = False  # a computed step of this run left a reference and residuals
+    computed_once: bool = False  # this run computed a step (its residuals are on the ranks holding its rows)
     last_timestep: float | None = None
     key: tuple | None = None
     reference: Tensor | None = None  # this rank's rows of the front residual of the last computed step
@@ -185,6 +185,7 @@ class StepCache:
                 branch.continuous += 1
             else:
                 branch.continuous = 0
+                branch.computed_once = True  # decided on every rank alike, rows here or not
                 if residual is not None:
                     branch.reference = residual[lo : lo + n].detach().clone()
             branch.records.append(StepRecord(branch.run, branch.step, not reuse, reason, diff, local_diff))
@@ -207,11 +208,11 @@ class StepCache:
         ladders = []
         for s, r in enumerate(residuals):
             new = [r.float() if order else r]
-            old = branch.ladder[s] if branch.computed_once and branch.ladder else []
+            old = branch.ladder[s] if branch.ladder else []
             for k in range(min(order, len(old))):
                 new.append((new[k] - old[k]) / dt)
             ladders.append(new)
-        branch.ladder, branch.ladder_step, branch.computed_once = ladders, branch.step, True
+        branch.ladder, branch.ladder_step = ladders, branch.step
 
 
 def _ratio(sums: Tensor) -> float:
@@ -270,7 +271,8 @@ class ContextHook(Hook):
 
 
 class BlockHook(Hook):
-    """On a block at an edge of the reused range: ``index`` in the model's block order."""
+    """On block ``index`` (in the model's block order): the first block, the last front block and every
+    middle block."""
 
     def __init__(self, cache: StepCache, index: int) -> None:
         self.cache, self.index = cache, index
@@ -287,13 +289,8 @@ class BlockHook(Hook):
             if cache.front_end < 0:  # no front blocks: decide from the counters alone
                 cache.decide(call, None)
             call.m_in = streams
-            if self._skips(call):
-                out = kind.pack(streams) if index != last else self._reused(call, streams)
-                return out
-        elif first < index < last and self._skips(call):
-            return kind.pack(streams)
-        elif index == last and self._skips(call):
-            return self._reused(call, streams)
+        if first <= index <= last and self._skips(call):  # the middle blocks pass their input on ...
+            return self._reused(call) if index == last else kind.pack(streams)  # ... the last adds the cache
         out = inner(*args, **kwargs)
         if index == cache.front_end:
             residual = kind.unpack(out)[0] - call.h_in
@@ -306,7 +303,7 @@ class BlockHook(Hook):
         """Every branch this rank holds is reused: the middle blocks need not run here."""
         return all(call.reuse[b.name] for b, _, n in call.rows if n)
 
-    def _reused(self, call: Call, streams: tuple[Tensor, ...]) -> Any:
+    def _reused(self, call: Call) -> Any:
         out = [s.clone() for s in call.m_in]
         for branch, lo, n in call.rows:
             if n:
@@ -319,7 +316,8 @@ class BlockHook(Hook):
         streams = list(cache.kind.unpack(out))
         for branch, lo, n in call.rows:
             if not call.reuse[branch.name]:
-                cache.remember(branch, [(s - m)[lo : lo + n] for s, m in zip(streams, call.m_in, strict=True)])
+                rows = slice(lo, lo + n)
+                cache.remember(branch, [s[rows] - m[rows] for s, m in zip(streams, call.m_in, strict=True)])
         if any(call.reuse[b.name] and n for b, _, n in call.rows):
             streams = [s.clone() for s in streams]
             for branch, lo, n in call.rows:
