@@ -12,19 +12,27 @@ compute a fixed number of steps and show what a reused step costs.
 
     python benchmarks/caching_bench.py --out results/caching        # on a GPU
     python benchmarks/caching_bench.py --tiny --device cpu --size 64 --reps 1   # a CPU smoke run
+
+Under torchrun with several processes the transformer runs on a mesh (``--ring`` ring degree, Ulysses
+over the rest; ``parallelize_flux``, eager: a cache and a whole-step CUDA graph do not combine) with
+the cache on top, so each policy's speed-up under sequence parallelism can be set beside its speed-up
+on one GPU; every rank takes the same decisions (the cache reduces them over the mesh).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from flux_model import FLUX_DEV, build_flux, flux_inputs  # beside this script (its folder is on sys.path)
 
+from models import parallelize_flux
 from models.caching import (
     DBCacheConfig,
     cache_summary,
@@ -34,6 +42,7 @@ from models.caching import (
     static_step_mask,
     steps_mask,
 )
+from xdit_core import ParallelMesh, init_distributed
 
 # 12 of 28 steps computed: the first 4, then every third, and the last
 MASK_12_OF_28 = [1, 1, 1, 1, 0, 0, 1, 0, 0, 1, 0, 0, 1, 0, 0, 1, 0, 0, 1, 0, 0, 1, 0, 0, 0, 1, 0, 1]
@@ -92,8 +101,13 @@ def main() -> None:
     p.add_argument("--out", default="results/caching")
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="the tiny random FLUX of the tests (float32), for a smoke run")
+    p.add_argument("--ring", type=int, default=1, help="under torchrun: the ring degree (Ulysses over the rest)")
     args = p.parse_args()
     device = torch.device(args.device)
+    mesh = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = init_distributed().device
+        mesh = ParallelMesh.build(ulysses=dist.get_world_size() // args.ring, ring=args.ring)
     if args.tiny:
         from models.testing import TINY_FLUX_CONFIG
 
@@ -102,6 +116,9 @@ def main() -> None:
         config, dtype, text = FLUX_DEV, torch.bfloat16, 512
     model = build_flux(config, device, dtype)
     inputs = flux_inputs(config, args.size, text, device, dtype)
+    if mesh is not None:
+        parallelize_flux(model, mesh)
+    say = print if mesh is None or dist.get_rank() == 0 else (lambda *a, **k: None)
     rows = []
     with torch.no_grad():
         exact = sample(model, inputs, args.steps)
@@ -109,7 +126,7 @@ def main() -> None:
         units = len(model.transformer_blocks) + len(model.single_transformer_blocks)
         for name, config in configurations(args.steps).items():
             if config is not None and config.Fn_compute_blocks + config.Bn_compute_blocks >= units:
-                print(f"{name:<44} skipped: Fn + Bn leave no block of the {units} to cache")
+                say(f"{name:<44} skipped: Fn + Bn leave no block of the {units} to cache")
                 continue
             if config is not None:
                 enable_cache(model, config)
@@ -136,7 +153,7 @@ def main() -> None:
                 }
             )
             r = rows[-1]
-            print(
+            say(
                 f"{name:<44} {seconds:7.3f} s  ×{r['speedup']:.2f} (ideal ×{r['ideal_speedup']:.2f}, "
                 f"{100 * r['computed_fraction']:.0f}% of blocks)  rel. L2 vs exact {rel:.3g}",
                 flush=True,
@@ -145,6 +162,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     meta = {"device": gpu, "torch": torch.__version__, "size": args.size, "steps": args.steps, "tiny": args.tiny}
+    if mesh is not None:
+        meta["mesh"] = mesh.describe()
+        if dist.get_rank() != 0:
+            return
     (out / "caching_bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
 
