@@ -20,11 +20,10 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
-from models.caching.kinds import kind_of
+from models.caching.kinds import kind_of, transformer_of
 from xdit_core.graphs import CUDA_GRAPH_HOOK
 from xdit_core.hooks import get_hook
 from xdit_core.mesh import ParallelMesh
@@ -33,9 +32,7 @@ from xdit_core.mesh import ParallelMesh
 def shard_weights(target: Any, mesh: ParallelMesh, *, axis: str = "sp", prefetch: bool = True) -> Any:
     """Shard the weights of ``target``'s transformer (a FLUX or STDiT3 model, or a pipeline holding one as
     ``.transformer``) over ``mesh``'s axis ``axis``; returns ``target``. Every rank of the mesh calls it."""
-    model = target if isinstance(target, nn.Module) else getattr(target, "transformer", None)
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"shard_weights: need a transformer or a pipeline with .transformer, got {type(target)}")
+    model = transformer_of(target, "shard_weights")
     if not isinstance(mesh, ParallelMesh):
         raise ValueError(f"shard_weights needs a ParallelMesh, got {type(mesh).__name__}")
     if isinstance(model, FSDPModule):
@@ -60,5 +57,4 @@ def shard_weights(target: Any, mesh: ParallelMesh, *, axis: str = "sp", prefetch
 
 def is_sharded(target: Any) -> bool:
     """Whether :func:`shard_weights` sharded ``target``'s transformer."""
-    model = target if isinstance(target, nn.Module) else getattr(target, "transformer", None)
-    return isinstance(model, FSDPModule)
+    return isinstance(transformer_of(target, "is_sharded"), FSDPModule)

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from diffusers import FluxPipeline
 from dist_utils import agreed_max, run_ranks, worker_setup
-from test_stdit import TINY
+from test_stdit import TINY, tiny_model
 
 from models import parallelize_flux_pipeline, unparallelize_flux_pipeline
 from models.caching import (
@@ -68,13 +68,7 @@ POLICIES = ("dbcache", "fbcache", "taylorseer", "static")
 
 
 def stdit_model() -> STDiT3:
-    torch.manual_seed(5)
-    model = STDiT3(STDIT_CONFIG).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p is not model.rope.freqs:
-                p.add_(torch.randn_like(p) * 0.02)
-    return model
+    return tiny_model(5, STDIT_CONFIG)
 
 
 def run_stdit(model: STDiT3) -> torch.Tensor:

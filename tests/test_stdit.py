@@ -32,9 +32,9 @@ MESHES = {
 SHAPES = [(2, 3, 9, 7), (2, 1, 6, 10), (2, 5, 5, 5), (3, 2, 11, 3)]
 
 
-def tiny_model(seed: int = 0) -> STDiT3:
+def tiny_model(seed: int = 0, config: STDiT3Config = TINY) -> STDiT3:
     torch.manual_seed(seed)
-    model = STDiT3(TINY).eval()
+    model = STDiT3(config).eval()
     with torch.no_grad():  # the zero-initialised-looking parts random too, so every path matters
         for p in model.parameters():
             if p is not model.rope.freqs:  # fixed frequencies, not a weight

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
-
 from models.caching.config import (
     NAMED_MASKS,
     DBCacheConfig,
@@ -20,7 +18,7 @@ from models.caching.config import (
     static_step_mask,
     steps_mask,
 )
-from models.caching.kinds import kind_of
+from models.caching.kinds import kind_of, transformer_of
 from models.caching.runtime import BlockHook, ContextHook, StepCache, StepHook
 from xdit_core.hooks import get_hook, install_hook, remove_hook
 
@@ -38,16 +36,6 @@ __all__ = [
 ]
 
 
-def _model_of(target: Any) -> nn.Module:
-    """The transformer of a pipeline (``.transformer``), or the model itself."""
-    if isinstance(target, nn.Module):
-        return target
-    model = getattr(target, "transformer", None)
-    if isinstance(model, nn.Module):
-        return model
-    raise ValueError(f"step cache: need a transformer or a pipeline with .transformer, got {type(target).__name__}")
-
-
 def enable_cache(target: Any, config: DBCacheConfig) -> Any:
     """Cache the steps of ``target``'s transformer as ``config`` says; returns ``target``.
 
@@ -57,7 +45,7 @@ def enable_cache(target: Any, config: DBCacheConfig) -> Any:
     """
     if not isinstance(config, DBCacheConfig):
         raise ValueError(f"enable_cache needs a DBCacheConfig, got {type(config).__name__}")
-    model = _model_of(target)
+    model = transformer_of(target, "enable_cache")
     kind = kind_of(model)
     config.check_blocks(kind.units, f"this {kind.name} model")
     if get_hook(model, STEP_HOOK) is not None:
@@ -73,7 +61,7 @@ def enable_cache(target: Any, config: DBCacheConfig) -> Any:
 
 
 def _cache_of(target: Any, what: str) -> StepCache:
-    hook = get_hook(_model_of(target), STEP_HOOK)
+    hook = get_hook(transformer_of(target, what), STEP_HOOK)
     if not isinstance(hook, StepHook):
         raise ValueError(f"{what}: this model has no step cache (enable_cache it first)")
     return hook.cache

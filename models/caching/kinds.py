@@ -47,6 +47,7 @@ class Kind:
     unpack: Callable[[Any], tuple[Tensor, ...]]  # a block's output → streams
     pack: Callable[[tuple[Tensor, ...]], Any]  # streams → a block's output
     boundary: str  # the parallel adapter's boundary hook
+    paired: Callable[[nn.Module], tuple[str, ...] | None]  # the branch names of a paired call in progress
     refused: tuple[str, ...] = ()  # forward arguments the cache cannot follow
 
     @property
@@ -63,16 +64,28 @@ class Kind:
 
     def branches(self, model: nn.Module) -> tuple[str, ...] | None:
         """The names of a paired call's branches, cond first (``None``: not a paired call)."""
-        if self.name != "FLUX":
-            return None
-        pair = cfg_branches(model)
-        return None if pair is None else pair.names
+        return self.paired(model)
+
+
+def _flux_branches(model: nn.Module) -> tuple[str, ...] | None:
+    pair = cfg_branches(model)
+    return None if pair is None else pair.names
 
 
 def _flux_streams(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor]:
     hidden = args[0] if args else kwargs["hidden_states"]
     context = args[1] if len(args) > 1 else kwargs["encoder_hidden_states"]
     return hidden, context
+
+
+def transformer_of(target: Any, what: str) -> nn.Module:
+    """The transformer of a pipeline (``.transformer``), or ``target`` itself if it is a module."""
+    if isinstance(target, nn.Module):
+        return target
+    model = getattr(target, "transformer", None)
+    if isinstance(model, nn.Module):
+        return model
+    raise ValueError(f"{what}: need a transformer or a pipeline with .transformer, got {type(target).__name__}")
 
 
 def kind_of(model: nn.Module, what: str = "enable_cache") -> Kind:
@@ -87,6 +100,7 @@ def kind_of(model: nn.Module, what: str = "enable_cache") -> Kind:
             lambda out: (out[1], out[0]),
             lambda streams: (streams[1], streams[0]),
             FLUX_BOUNDARY,
+            _flux_branches,
             ("controlnet_block_samples", "controlnet_single_block_samples"),
         )
     if isinstance(model, STDiT3):
@@ -99,6 +113,7 @@ def kind_of(model: nn.Module, what: str = "enable_cache") -> Kind:
             lambda out: (out,),
             lambda streams: streams[0],
             STDIT_BOUNDARY,
+            lambda model: None,  # the Open-Sora sampler's CFG pair is one batch on one process too
         )
     raise ValueError(
         f"{what}: cannot address the blocks of a {type(model).__name__} (supported: diffusers' "

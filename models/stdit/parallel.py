@@ -52,14 +52,14 @@ SPATIAL_MODES = ("usp", "dsp")
 BOUNDARY_HOOK = "xdit.stdit"  # the hook that makes a model parallel (its presence marks one)
 TOKENS_HOOK, PATCHES_HOOK = "xdit.stdit.tokens", "xdit.stdit.patches"
 
+_PER_SAMPLE = ("x", "timestep", "y", "mask", "x_mask", "fps", "height", "width")  # forward's arguments
 # STDiT3's boundary: the inputs' samples over ``batch``; inside, the tokens ``[B, T, S, C]`` that
 # ``prepare`` makes (position embedding added) over ``sp`` by spatial position; the per-token
 # patches ``[B, T, S, P]`` of the final layer gathered back over both.
 STDIT_PLAN = Plan(
     "parallel STDiT3",
     inputs=(
-        *(Split(name, 0, "batch", per_sample=True) for name in ("x", "timestep", "y", "mask", "x_mask")),
-        *(Split(name, 0, "batch", per_sample=True) for name in ("fps", "height", "width")),
+        *(Split(name, 0, "batch", per_sample=True) for name in _PER_SAMPLE),
         Split("tokens", 2, "sp"),
     ),
     outputs=(Gather("patches", 2, "sp", like="tokens"), Gather("patches", 0, "batch", like="x")),
