@@ -18,6 +18,7 @@ from models import parallelize_flux, parallelize_stdit
 from models.caching import cache_summary, enable_cache, static_step_mask
 from models.sharding import is_sharded, shard_weights
 from xdit_core import ParallelMesh
+from xdit_core.graphs import apply_cuda_graph
 
 # world -> (ulysses, ring, batch, axis the weights are sharded over)
 CASES = {2: [(2, 1, 1, "sp"), (1, 1, 2, "batch")], 4: [(2, 1, 2, "world"), (4, 1, 1, "sp")]}
@@ -89,6 +90,8 @@ def _worker(cases: list) -> dict:
                 "unknown axis": lambda: shard_weights(tiny_transformer(), mesh, axis="tp"),
                 "not a model": lambda: shard_weights(torch.nn.Linear(2, 2), mesh),
                 "no mesh": lambda: shard_weights(tiny_transformer(), None),
+                "graph on a sharded model": lambda: apply_cuda_graph(model),
+                "sharding a graphed model": lambda: shard_weights(apply_cuda_graph(tiny_transformer()), mesh),
             }
         )
     return report
@@ -99,5 +102,6 @@ def test_sharded_weights_equal_resident_model() -> None:
         reports = run_ranks(_worker, world, cases, timeout_s=600)
         assert all(r["max_err"] <= 1e-5 for r in reports)
         text = "\n".join(reports[0]["errors"])
-        for needle in ("sharded already", "has no group 'tp'", "cannot address", "needs a ParallelMesh"):
+        needles = ("sharded already", "has no group 'tp'", "cannot address", "needs a ParallelMesh")
+        for needle in (*needles, "a CUDA graph cannot follow", "cannot follow FSDP2's weight gathers"):
             assert needle in text, text
