@@ -25,7 +25,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from models.caching.kinds import kind_of, transformer_of
 from xdit_core.graphs import CUDA_GRAPH_HOOK
-from xdit_core.hooks import get_hook
+from xdit_core.hooks import get_hook, offload_hook_on
 from xdit_core.mesh import ParallelMesh
 
 
@@ -42,6 +42,9 @@ def shard_weights(target: Any, mesh: ParallelMesh, *, axis: str = "sp", prefetch
             "shard_weights: the model replays CUDA graphs (apply_cuda_graph / cuda_graph=True), which cannot "
             "follow FSDP2's weight gathers: remove_cuda_graph(model) first"
         )
+    offloaded = offload_hook_on(model)
+    if offloaded is not None:
+        raise ValueError(f"shard_weights: the model is CPU-offloaded ({offloaded}); shard or offload, not both")
     blocks = kind_of(model, "shard_weights").blocks
     group = mesh.group(axis)
     device_mesh = DeviceMesh.from_group(group, mesh.device_mesh.device_type)

@@ -34,7 +34,7 @@ _WORDS = (
 ).split()
 
 
-def _word_tokenizer(special: dict[str, str], max_length: int) -> Any:
+def word_tokenizer(special: dict[str, str], max_length: int) -> Any:
     """A whitespace word-level tokenizer over a small vocabulary (unknown words map to the unk token)."""
     names = list(dict.fromkeys(special.values()))
     vocab = {w: i for i, w in enumerate(names + _WORDS)}
@@ -89,7 +89,7 @@ def tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> Flu
     clip_special = dict(
         unk_token="<|endoftext|>", bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
     )
-    tokenizer = _word_tokenizer(clip_special, 77)
+    tokenizer = word_tokenizer(clip_special, 77)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
@@ -103,7 +103,7 @@ def tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> Flu
             pad_token_id=0,
         )
     )
-    tokenizer_2 = _word_tokenizer(dict(unk_token="<unk>", eos_token="</s>", pad_token="<pad>"), 128)
+    tokenizer_2 = word_tokenizer(dict(unk_token="<unk>", eos_token="</s>", pad_token="<pad>"), 128)
     text_encoder_2 = T5EncoderModel(
         T5Config(
             vocab_size=len(tokenizer_2),

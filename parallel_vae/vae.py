@@ -117,12 +117,22 @@ def parallelize_vae(
 
 
 class _ParallelDecode(Hook):
-    """Takes the place of ``decode``: the banded decode across the ranks (the VAE's own is not called)."""
+    """Takes the place of ``decode``: the banded decode across the ranks (the VAE's own is not called).
+
+    A VAE under model-level CPU offload (accelerate's hook, ``enable_model_cpu_offload``) is moved to
+    its device first, as diffusers' ``apply_forward_hook`` does for the VAE's own ``decode``. Offload
+    hooks on the VAE's submodules are not honoured: the banded decode reads some weights directly
+    (slabs of convolutions, group norms from distributed statistics), so :mod:`models.offload` offloads
+    a parallel VAE as a whole in every mode.
+    """
 
     def __init__(self, decode: Callable[..., Any]) -> None:
         self.decode = decode
 
     def call(self, module: torch.nn.Module, inner: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        offload = module.__dict__.get("_hf_hook")
+        if offload is not None:  # CPU offload of the whole VAE: onload it, as diffusers' own decode does first
+            offload.pre_forward(module)
         return self.decode(*args, **kwargs)
 
 

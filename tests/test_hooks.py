@@ -1,7 +1,9 @@
-"""The per-instance hook chain: order, idempotence, bit-identical undo, named methods, diffusers' HookRegistry."""
+"""The per-instance hook chain: order, idempotence, bit-identical undo, named methods, diffusers' HookRegistry
+and accelerate's hooks."""
 
 from __future__ import annotations
 
+import accelerate.hooks
 import pytest
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
@@ -163,6 +165,42 @@ def test_composes_with_diffusers_hook_registry(ours_first, remove_ours_first, di
     assert torch.equal(m(X), plain + 5.0)
     remove_hook(m, "again")
     assert torch.equal(m(X), plain)
+
+
+class Double(accelerate.hooks.ModelHook):
+    """An accelerate hook (the kind diffusers' CPU offload installs) that doubles the output."""
+
+    def post_forward(self, module, output):
+        return output * 2.0
+
+
+@pytest.mark.parametrize("ours_first", [True, False])
+@pytest.mark.parametrize("remove_ours_first", [True, False])
+def test_composes_with_accelerate_hooks(ours_first, remove_ours_first):
+    m = Affine()
+    plain = m(X)
+    steps = [
+        lambda: install_hook(m, "ours", Record("ours", [], add=1.0)),
+        lambda: accelerate.hooks.add_hook_to_module(m, Double()),
+    ]
+    for step in steps if ours_first else steps[::-1]:
+        step()
+    assert torch.equal(m(X), (plain + 1.0) * 2.0)  # ours below accelerate's, whatever the order
+    # diffusers' maybe_free_model_hooks removes and re-adds its hooks after every pipeline call
+    accelerate.hooks.remove_hook_from_module(m)
+    assert torch.equal(m(X), plain + 1.0)  # accelerate's removal left our hook working
+    accelerate.hooks.add_hook_to_module(m, Double())
+    assert torch.equal(m(X), (plain + 1.0) * 2.0)
+    if remove_ours_first:
+        remove_hook(m, "ours")
+        assert torch.equal(m(X), plain * 2.0)
+        accelerate.hooks.remove_hook_from_module(m)
+    else:
+        accelerate.hooks.remove_hook_from_module(m)
+        remove_hook(m, "ours")
+    assert torch.equal(m(X), plain)
+    # nothing of ours left behind (accelerate's removal may leave the class's bound forward in the instance)
+    assert m.forward == Affine.forward.__get__(m) and "_old_forward" not in m.__dict__ and not hook_names(m)
 
 
 def test_apply_cuda_graph_runs_cpu_calls_eagerly_and_comes_off():

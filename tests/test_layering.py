@@ -34,7 +34,8 @@ LAYERS = [
     # the optional flash-attention kernels are imported by name at run time (attention/backends.py)
     Layer("attention", frozenset({"einops", "flash_attn", "flash_attn_interface", "fa3_fwd_interface"})),
     Layer("parallel_vae", frozenset()),
-    Layer("models", frozenset({"diffusers", "transformers", "tokenizers", "safetensors", "av"})),
+    # accelerate: diffusers' own CPU-offload hooks need it (models/offload.py)
+    Layer("models", frozenset({"diffusers", "transformers", "tokenizers", "safetensors", "av", "accelerate"})),
     Layer("serving", frozenset({"fastapi", "uvicorn", "prometheus_client"})),
     Layer("benchmarks", frozenset({"matplotlib", "torchmetrics"}), leaf=True),
     Layer("examples", frozenset({"tqdm"}), leaf=True),

@@ -17,7 +17,7 @@ import torch
 from torch.distributed.fsdp import FSDPModule
 from torch.utils import _pytree as pytree
 
-from xdit_core.hooks import Hook, install_hook, remove_hook
+from xdit_core.hooks import Hook, install_hook, offload_hook_on, remove_hook
 
 
 class CudaGraphed:
@@ -106,6 +106,12 @@ def apply_cuda_graph(module: torch.nn.Module, *, method: str = "forward", warmup
         raise ValueError(
             "apply_cuda_graph: this module's weights are sharded with FSDP2 (shard_weights), whose weight gathers "
             "a CUDA graph cannot follow"
+        )
+    offloaded = offload_hook_on(module)
+    if offloaded is not None:
+        raise ValueError(
+            f"apply_cuda_graph: this module's weights are offloaded ({offloaded}); a CUDA graph replays the addresses "
+            "of its first capture, which offload hooks move between calls"
         )
     hook = _GraphHook(inspect.signature(getattr(module, method)), warmup)
     install_hook(module, CUDA_GRAPH_HOOK, hook, method=method)

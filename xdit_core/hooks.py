@@ -14,8 +14,11 @@ removal assumes nothing was wrapped around its own hooks afterwards (removing it
 ``module.forward`` back to what that hook captured). So the chain always sits *below* diffusers'
 hooks: installed on a module whose registry already has hooks, it takes the place of the registry's
 innermost ``forward``; installed first, it is what diffusers captures later. Either way both sides
-can be installed and removed in any order. A chain left under someone else's wrapper when its last
-hook is removed stays as a pass-through to the original method (bit-identical results).
+can be installed and removed in any order. The same holds under accelerate's hooks (diffusers'
+model and sequential CPU offload): ``add_hook_to_module`` makes ``forward`` call ``module._old_forward``
+and its removal puts ``_old_forward`` back, so a chain installed on such a module takes the place of
+``_old_forward``. A chain left under someone else's wrapper when its last hook is removed stays as a
+pass-through to the original method (bit-identical results).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any
 import torch
 
 _CHAINS = "_xdit_hook_chains"  # module.__dict__ entry: {method name: _Chain}
+_ACCELERATE_INNER = "_old_forward"  # what accelerate's add_hook_to_module wraps (and puts back into forward)
 
 
 class Hook:
@@ -76,21 +80,26 @@ class _Chain:
         return hook.post(self.module, hook.call(self.module, inner, args, kwargs))
 
     def unlink(self, method: str) -> bool:
-        """Put back what the slot held, if the slot still holds this chain; whether it did.
+        """Put back what the chain replaced, if no one has wrapped it since; whether that was so.
 
-        (A registry that had the chain as its innermost function and lost all its hooks since put the
-        chain into the module's method itself: that is undone too.)
+        The slot gets what it held before. Where another library moved the chain itself into the
+        module's method (a diffusers registry that lost all its hooks, accelerate's hook removal) or
+        into accelerate's ``_old_forward``, the original function goes back there instead.
         """
-        if _read(self.slot) is not self.wrapper:
-            return False
-        _write(self.slot, self.previous)
         attrs = self.module.__dict__
-        if attrs.get(method) is self.wrapper:
+        moved = [key for key in (method, _ACCELERATE_INNER) if attrs.get(key) is self.wrapper]
+        if _read(self.slot) is self.wrapper:
+            _write(self.slot, self.previous)
+        elif not moved:
+            return False
+        for key in moved:
+            if attrs.get(key) is not self.wrapper:  # the slot itself, put back above
+                continue
             bound_from_class = getattr(type(self.module), method).__get__(self.module)
-            if self.original == bound_from_class:
-                del attrs[method]
+            if key == method and self.original == bound_from_class:
+                del attrs[key]
             else:
-                attrs[method] = self.original
+                attrs[key] = self.original
         return True
 
 
@@ -113,14 +122,17 @@ def _write(slot: tuple[Any, str], value: Any) -> None:
 
 
 def _new_chain(module: torch.nn.Module, method: str) -> _Chain:
-    """A chain on ``method``: under diffusers' hooks if the module's registry has some, else in the method's place."""
+    """A chain on ``method``: under diffusers' or accelerate's hooks where the module has some, else in its place."""
     registry = module.__dict__.get("_diffusers_hook")
     refs = list(getattr(registry, "_fn_refs", None) or []) if method == "forward" else []
     if refs:  # the registry's innermost reference holds the function its first hook wraps
         innermost = refs[0]
         key = "original_forward" if innermost.original_forward is not None else "forward"
         return _Chain(module, getattr(innermost, key), (innermost, key))
-    return _Chain(module, getattr(module, method), (module.__dict__, method))
+    attrs = module.__dict__
+    if method == "forward" and "_hf_hook" in attrs and _ACCELERATE_INNER in attrs:  # under accelerate's hook
+        return _Chain(module, attrs[_ACCELERATE_INNER], (attrs, _ACCELERATE_INNER))
+    return _Chain(module, getattr(module, method), (attrs, method))
 
 
 def install_hook(module: torch.nn.Module, name: str, hook: Hook, *, method: str = "forward") -> None:
@@ -171,3 +183,23 @@ def get_hook(module: torch.nn.Module, name: str, *, method: str = "forward") -> 
     """The hook installed under ``name`` on ``module``'s ``method``, or ``None``."""
     chain = module.__dict__.get(_CHAINS, {}).get(method)
     return None if chain is None else chain.hooks.get(name)
+
+
+_OFFLOAD_REGISTRY_HOOKS = ("group_offloading", "lazy_prefetch_group_offloading")  # diffusers' group offloading
+
+
+def offload_hook_on(module: torch.nn.Module) -> str | None:
+    """Where CPU-offload hooks of other libraries sit on ``module`` or a submodule (the first found), or ``None``.
+
+    Recognised by the attributes they leave, without importing them: accelerate's ``_hf_hook``
+    (diffusers' model and sequential offload) and diffusers' group offloading in a module's
+    ``HookRegistry``. Features that need the weights to stay put (CUDA graphs, FSDP2) refuse such modules.
+    """
+    for name, sub in module.named_modules():
+        where = name or type(module).__name__
+        if "_hf_hook" in sub.__dict__:
+            return f"accelerate's {type(sub.__dict__['_hf_hook']).__name__} on {where}"
+        registry_hooks = getattr(sub.__dict__.get("_diffusers_hook"), "hooks", None) or {}
+        if any(key in registry_hooks for key in _OFFLOAD_REGISTRY_HOOKS):
+            return f"diffusers' group offloading on {where}"
+    return None

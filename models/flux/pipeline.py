@@ -18,6 +18,7 @@ import torch
 from diffusers import FluxPipeline
 
 from models.flux.adapter import CfgPair, pair_cfg_calls, parallelize_flux, unparallelize_flux
+from models.offload import Offload, offload_components, resolve_offload
 from parallel_vae import is_parallel_vae, parallelize_vae, unparallelize_vae
 from xdit_core.mesh import ParallelMesh
 from xdit_core.on_rank import compute_on_rank
@@ -29,6 +30,43 @@ class ParallelFluxPipeline:
     def __init__(self, pipe: FluxPipeline, mesh: ParallelMesh) -> None:
         self.pipe = pipe
         self.mesh = mesh
+        self.offload: Offload | None = None
+
+    def enable_model_cpu_offload(self, device: str | torch.device | None = None) -> None:
+        """diffusers' model-level offload (``FluxPipeline.enable_model_cpu_offload``): each component comes to
+        ``device`` (default: this process's CUDA device) when it runs; the parallel VAE's decode onloads it too."""
+        offload = self._resolve("model", device=device, blocks_per_group=1, prefetch=None)
+        self.pipe.enable_model_cpu_offload(device=offload.device)
+        self.offload = offload
+
+    def enable_group_offload(
+        self, onload_device: str | torch.device, *, num_blocks_per_group: int = 1, use_stream: bool | None = None
+    ) -> None:
+        """Layerwise offload (diffusers' group offloading, ``block_level``): ``num_blocks_per_group`` blocks of
+        the transformer and of the text encoders on ``onload_device`` at a time; ``use_stream`` (default: on
+        CUDA) copies the next group on a side stream while the current one computes. A parallel VAE is
+        offloaded whole (:mod:`models.offload`)."""
+        offload = self._resolve(
+            "layerwise", device=onload_device, blocks_per_group=num_blocks_per_group, prefetch=use_stream
+        )
+        self._offload_components(offload)
+
+    def enable_sequential_cpu_offload(self, device: str | torch.device | None = None) -> None:
+        """Sequential offload (accelerate's ``cpu_offload``, as ``FluxPipeline.enable_sequential_cpu_offload``):
+        one layer's weights on ``device`` at a time. A parallel VAE is offloaded whole (:mod:`models.offload`)."""
+        self._offload_components(self._resolve("sequential", device=device, blocks_per_group=1, prefetch=None))
+
+    def _resolve(self, mode: str, **kwargs: Any) -> Offload:
+        what = f"ParallelFluxPipeline ({mode} offload)"
+        return resolve_offload(mode, transformer=self.pipe.transformer, current=self.offload, what=what, **kwargs)
+
+    def _offload_components(self, offload: Offload) -> None:
+        pipe = self.pipe
+        order = pipe.model_cpu_offload_seq.split("->")
+        modules = [(name, c) for name, c in pipe.components.items() if isinstance(c, torch.nn.Module)]
+        modules.sort(key=lambda item: order.index(item[0]) if item[0] in order else len(order))
+        offload_components(modules, offload, whole={"vae"} if is_parallel_vae(pipe.vae) else set())
+        self.offload = offload
 
     @property
     def transformer(self) -> Any:
@@ -105,6 +143,8 @@ class ParallelFluxPipeline:
         finally:
             if pair:
                 pair_cfg_calls(pipe.transformer, None)
+            if self.offload is not None:
+                self.offload.release()
 
     def _encode_and_draw(
         self,

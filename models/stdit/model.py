@@ -20,7 +20,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from models.stdit.attention import CrossAttention, SelfAttention
+from models.stdit.attention import CrossAttention, Rope, SelfAttention
 from models.stdit.checkpoint import checkpoint_files, load_checked, save_checkpoint
 from models.stdit.config import STDiT3Config
 from models.stdit.layers import (
@@ -78,7 +78,7 @@ class STDiT3Block(nn.Module):
             return None
         return (self.scale_shift_table[None] + t_mlp.unflatten(1, (6, -1))).chunk(6, dim=1)
 
-    def forward(self, x: Tensor, cond: Conditioning, rope: RotaryEmbedding) -> Tensor:
+    def forward(self, x: Tensor, cond: Conditioning, rope: Rope) -> Tensor:
         """``x`` ``[B, T·S, C]`` in ``(t, s)`` order → the same shape."""
         mod, mod0 = self._modulation(cond.t_mlp), self._modulation(cond.t0_mlp)
         frames, x_mask = cond.frames, cond.x_mask
@@ -218,10 +218,14 @@ class STDiT3(nn.Module):
         return tokens, cond, grid
 
     def run_blocks(self, x: Tensor, cond: Conditioning) -> Tensor:
-        """The ``depth`` (spatial, temporal) pairs on tokens ``[B, T·S, C]``."""
+        """The ``depth`` (spatial, temporal) pairs on tokens ``[B, T·S, C]``.
+
+        The blocks get the rotary embedding as a function, not as the module: offload hooks move the
+        modules passed to a block along with its inputs, and the rotary embedding belongs to the root."""
+        rope = self.rope.__call__
         for spatial, temporal in zip(self.spatial_blocks, self.temporal_blocks, strict=True):
-            x = spatial(x, cond, self.rope)
-            x = temporal(x, cond, self.rope)
+            x = spatial(x, cond, rope)
+            x = temporal(x, cond, rope)
         return x
 
     def final(self, x: Tensor, cond: Conditioning) -> Tensor:

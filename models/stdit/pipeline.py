@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from models.offload import Offload, offload_components, resolve_offload
 from models.stdit.model import STDiT3
 from models.stdit.parallel import parallelize_stdit, unparallelize_stdit
 from models.stdit.sampler import rflow_sample
@@ -100,6 +101,7 @@ class OpenSoraPipeline:
     group: dist.ProcessGroup | None = None
     text_rank: int = 0
     video_rank: int | None = None  # parallel: None gives every rank the video, else that group rank only
+    offload: Offload | None = None  # set by enable_offload
 
     @classmethod
     def from_pretrained(
@@ -121,8 +123,32 @@ class OpenSoraPipeline:
             text = T5TextEncoder.from_pretrained(text_encoder_path, dtype=text_dtype, device=device)
         return cls(transformer, vae, text)
 
+    def enable_offload(
+        self,
+        mode: str,
+        *,
+        device: str | torch.device | None = None,
+        blocks_per_group: int = 1,
+        prefetch: bool | None = None,
+    ) -> OpenSoraPipeline:
+        """CPU offload (:mod:`models.offload`): ``"model"`` (T5, STDiT3 and the VAE each on ``device`` while
+        it runs), ``"layerwise"`` (``blocks_per_group`` blocks of STDiT3 and of T5 at a time, the next group
+        copied on a side stream when ``prefetch``, default on CUDA) or ``"sequential"`` (one layer at a time).
+        The VAE is offloaded whole in every mode. Before or after :func:`parallelize_opensora`; returns the pipeline."""
+        offload = resolve_offload(
+            mode, device=device, blocks_per_group=blocks_per_group, prefetch=prefetch, transformer=self.transformer,
+            current=self.offload, what="OpenSoraPipeline.enable_offload",
+        )  # fmt: skip
+        text = None if self.text_encoder is None else self.text_encoder.model
+        components = [("text_encoder", text), ("transformer", self.transformer), ("vae", self.vae)]
+        offload_components(components, offload, whole={"vae"})
+        self.offload = offload
+        return self
+
     def to(self, device: str | torch.device) -> OpenSoraPipeline:
         """Move the models (and the text encoder, if any) to ``device``; returns this pipeline."""
+        if self.offload is not None:
+            raise ValueError(f"OpenSoraPipeline.to: the pipeline is offloaded ({self.offload.mode!r}); load it again")
         self.transformer.to(device)
         self.vae.to(device)
         if self.text_encoder is not None:
@@ -131,7 +157,8 @@ class OpenSoraPipeline:
 
     @property
     def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
+        """Where the pipeline computes (the offload device when offloaded)."""
+        return self.offload.device if self.offload is not None else next(self.transformer.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -144,7 +171,7 @@ class OpenSoraPipeline:
             return encode_prompts_shared(self.text_encoder, texts, self.group, src=self.text_rank, device=self.device)
         if self.text_encoder is None:
             raise ValueError("OpenSoraPipeline: no text encoder; pass prompt_embeds=(y, mask)")
-        y, mask = self.text_encoder.encode(texts)
+        y, mask = self.text_encoder.encode(texts, device=self.device)
         return y.to(self.device), mask.to(self.device)
 
     def latent_shape(self, batch: int, height: int, width: int, num_frames: int) -> tuple[int, ...]:
@@ -177,24 +204,30 @@ class OpenSoraPipeline:
         if height < f or width < f:
             raise ValueError(f"OpenSoraPipeline: the video must be at least {f}×{f} pixels, got {height}×{width}")
         timings, start = {}, self._now()
-        if prompt_embeds is None:
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            y, mask = self.encode_prompt(prompts, aes=aes, clean=clean_caption)
-        else:
-            y, mask = (t.to(self.device) for t in prompt_embeds)
-        y = y.to(self.dtype)
-        timings["text"] = (mark := self._now()) - start
-        noise = torch.Generator().manual_seed(seed)  # CPU: the same latents on every rank and device type
-        shape = self.latent_shape(y.shape[0], height, width, num_frames)
-        z = torch.randn(shape, generator=noise).to(self.device, self.dtype)
-        z = rflow_sample(
-            self.transformer, z, y, mask, num_frames=num_frames, height=height, width=width, steps=steps,
-            cfg_scale=cfg_scale, fps=fps if num_frames > 1 else None, progress=progress,
-        )  # fmt: skip
-        timings["denoise"] = (mark2 := self._now()) - mark
-        vae_dtype = next(self.vae.parameters()).dtype
-        video = self.vae.decode(z.to(vae_dtype), num_frames=num_frames)
-        timings["decode"] = (end := self._now()) - mark2
+        try:
+            if prompt_embeds is None:
+                prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+                y, mask = self.encode_prompt(prompts, aes=aes, clean=clean_caption)
+            else:
+                y, mask = (t.to(self.device) for t in prompt_embeds)
+            y = y.to(self.dtype)
+            timings["text"] = (mark := self._now()) - start
+            noise = torch.Generator().manual_seed(seed)  # CPU: the same latents on every rank and device type
+            shape = self.latent_shape(y.shape[0], height, width, num_frames)
+            z = torch.randn(shape, generator=noise).to(self.device, self.dtype)
+            z = rflow_sample(
+                self.transformer, z, y, mask, num_frames=num_frames, height=height, width=width, steps=steps,
+                cfg_scale=cfg_scale, fps=fps if num_frames > 1 else None, progress=progress,
+            )  # fmt: skip
+            timings["denoise"] = (mark2 := self._now()) - mark
+            vae_dtype = next(self.vae.parameters()).dtype
+            if self.offload is not None:
+                self.offload.onload("vae", self.vae)  # its entry point is decode, not forward
+            video = self.vae.decode(z.to(vae_dtype), num_frames=num_frames)
+            timings["decode"] = (end := self._now()) - mark2
+        finally:
+            if self.offload is not None:
+                self.offload.release()  # the whole-offloaded components go back to the CPU
         timings["total"] = end - start
         received = self.group is None or self.video_rank is None or self.group.rank() == self.video_rank
         return OpenSoraOutput(video if received else None, z, timings)

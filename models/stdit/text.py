@@ -147,10 +147,13 @@ class T5TextEncoder:
         self.model.save_pretrained(path)
         return path
 
-    def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(
+        self, prompts: Sequence[str], *, device: str | torch.device | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prepared prompts (see ``prompt_for_t5``) -> ``y [n, 1, L, d_model]`` (model dtype), ``mask [n, L]`` int64.
 
         ``L = max_length``: padded to and truncated at ``L`` tokens (``</s>`` included); mask 1 = valid.
+        ``device``: where the tokens go (default: the model's; pass the compute device when it is offloaded).
         """
         if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
             raise ValueError("T5TextEncoder.encode: prompts must be a non-empty list of str (not a bare str)")
@@ -166,7 +169,7 @@ class T5TextEncoder:
             add_special_tokens=True,
             return_tensors="pt",
         )
-        device = self.model.device
+        device = self.model.device if device is None else device
         input_ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
         with torch.no_grad():
             y = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
@@ -193,7 +196,7 @@ def encode_prompts_shared(
     def encode() -> dict[str, torch.Tensor]:
         if encoder is None:
             raise ValueError(f"encode_prompts_shared: group rank {src} (src) must pass a T5TextEncoder, got None")
-        y, mask = encoder.encode(prompts)
+        y, mask = encoder.encode(prompts, device=device)
         return {"y": y, "mask": mask}
 
     what = "encode_prompts_shared: encoding the prompts"
