@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CPU offload on one GPU (benchmarks/offload_bench.py): the FLUX.1-dev pipeline at 1024², 28 steps, resident vs
-# model vs layerwise (prefetch) offload, then resident vs sequential at 4 steps; Open-Sora 720p 4 s (10 steps), every
-# mode. Wheels: ../shared/gpu/fetch_wheels.sh fa3 accelerate psutil pyyaml (into .whl/, carried).
+# model (ours and diffusers') vs layerwise (prefetch) offload, then resident vs sequential at 4 steps;
+# Open-Sora 720p 4 s (10 steps), every mode. Wheels: ../shared/gpu/fetch_wheels.sh fa3 accelerate psutil pyyaml (into .whl/, carried).
 # Usage: PARTS="flux opensora" bash benchmarks/gpu_offload.sh     (results in $OUT)
 set -u
 . benchmarks/gpu_env.sh
@@ -14,7 +14,7 @@ run() { timeout "$1" torchrun --nproc_per_node 1 benchmarks/offload_bench.py "${
     case "$part" in
       flux)
         echo "== FLUX.1-dev pipeline 1024², 28 steps"
-        run 420 --model flux --modes resident model layerwise --steps 28
+        run 480 --model flux --modes resident model diffusers-model layerwise --steps 28
         echo "== FLUX.1-dev pipeline 1024², 4 steps: sequential"
         run 240 --model flux --modes resident sequential --steps 4 --warmup-steps 1 ;;
       opensora)

@@ -12,9 +12,12 @@
 
 Each mode builds the same weights on the GPU (the offload moves them to the CPU), makes one warm-up
 call (``--warmup-steps``), then one timed call; the peak is ``torch.cuda.max_memory_allocated`` over
-the timed call. Each mode's output is compared with the resident output (max abs difference; offload
-changes where weights live, not the arithmetic). ``--tiny``: the tests' tiny models on the CPU (a smoke
-run: times only). One JSON line per mode in ``--out``/offload_<model>.jsonl.
+the timed call. ``diffusers-model``: diffusers' own ``enable_model_cpu_offload`` (accelerate's hook),
+beside ``model`` (:class:`models.offload.WholeOffload`). The host-to-device bandwidth (pinned and
+pageable) is measured first: the ceiling of every mode. Each mode's output is compared with the
+resident output (max abs difference; offload changes where weights live, not the arithmetic).
+``--tiny``: the tests' tiny models on the CPU (a smoke run: times only). One JSON line per mode in
+``--out``/offload_<model>.jsonl.
 """
 
 from __future__ import annotations
@@ -52,7 +55,9 @@ def build(args: argparse.Namespace, device: torch.device):
 def offload(pipe, model: str, mode: str, device: torch.device) -> None:
     if mode == "resident":
         return
-    if model == "opensora":
+    if mode == "diffusers-model":  # diffusers' own enable_model_cpu_offload on the stock pipeline inside
+        pipe.pipe.enable_model_cpu_offload(device=device)
+    elif model == "opensora":
         pipe.enable_offload(mode, device=device)
     elif mode == "model":
         pipe.enable_model_cpu_offload(device=device)
@@ -70,7 +75,7 @@ def generate(pipe, args: argparse.Namespace, steps: int) -> tuple[torch.Tensor, 
         return out.images, {}
     height, width = (64, 96) if args.tiny else image_size(args.resolution, "9:16")
     frames = 20 if args.tiny else parse_num_frames(args.num_frames)
-    out = pipe(args.prompt, height=height, width=width, num_frames=frames, steps=steps, seed=1024)
+    out = pipe(args.prompt, height=height, width=width, num_frames=frames, steps=steps, seed=1024, clean_caption=False)
     return out.video, {f"{k}_s": round(v, 3) for k, v in out.timings.items()}
 
 
@@ -106,10 +111,27 @@ def run_mode(args: argparse.Namespace, mode: str, device: torch.device, referenc
     return row, out
 
 
+def link_gbps(device: torch.device, gib: int = 4) -> dict[str, float]:
+    """Host-to-device copy bandwidth (GB/s, median of 5) from pinned and from pageable memory: the ceiling
+    of every offload mode."""
+    result = {}
+    for name in ("pinned", "pageable"):
+        host = torch.empty(gib * 2**30, dtype=torch.uint8, pin_memory=name == "pinned")
+        times = []
+        for _ in range(5):
+            torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            host.to(device, non_blocking=True)
+            torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+        result[name] = round(host.numel() / sorted(times)[2] / 1e9, 1)
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=("flux", "opensora"), default="flux")
-    p.add_argument("--modes", nargs="+", default=["resident", *MODES], choices=["resident", *MODES])
+    p.add_argument("--modes", nargs="+", default=["resident", *MODES], choices=["resident", *MODES, "diffusers-model"])
     p.add_argument("--size", type=int, default=1024, help="FLUX: image side in pixels")
     p.add_argument("--resolution", default="720p", help="Open-Sora")
     p.add_argument("--num-frames", default="4s", help="Open-Sora")
@@ -126,6 +148,8 @@ def main() -> None:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     reference = None
+    if device.type == "cuda":
+        print(json.dumps({"host_to_device_gbps": link_gbps(device)}), flush=True)
     with (out_dir / f"offload_{args.model}.jsonl").open("a") as log:
         for mode in args.modes:
             row, out = run_mode(args, mode, device, reference)

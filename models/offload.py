@@ -3,17 +3,28 @@
 Three modes, each on the mechanism the field maintains (accelerate's hooks as diffusers uses them,
 diffusers' group offloading), made to compose with this project's parallel models:
 
-============  ==========================================================================  =========================
-mode          what is on the GPU while a component computes                               mechanism
-============  ==========================================================================  =========================
-``model``     the whole component (text encoder, transformer, VAE); the previous one      accelerate's
-              goes back to the CPU when the next one starts                               ``cpu_offload_with_hook``
-``layerwise`` ``blocks_per_group`` blocks of the transformer / text encoder at a time     diffusers'
-              (plus the layers outside the blocks); with ``prefetch`` the next group      ``apply_group_offloading``
-              is copied on a side CUDA stream while the current one computes             (``block_level``)
-``sequential`` one leaf layer at a time (weights kept on the CPU, copied per call):        accelerate's
-              least memory, slowest                                                        ``cpu_offload``
-============  ==========================================================================  =========================
+* ``model``: the whole component (text encoder, transformer, VAE) on the GPU while it runs; the previous
+  one goes back to the CPU when the next one starts. :class:`WholeOffload`, on accelerate's hook API.
+* ``layerwise``: ``blocks_per_group`` blocks of the transformer at a time (plus the layers outside the
+  blocks), one layer of a text encoder at a time; with ``prefetch`` the next one is copied on a side CUDA
+  stream while the current one computes. diffusers' ``apply_group_offloading`` (``block_level``;
+  ``leaf_level`` for the text encoders).
+* ``sequential``: one leaf layer at a time, copied per call: least memory, slowest. accelerate's
+  ``cpu_offload``.
+
+Why the ``model`` mode is not accelerate's ``cpu_offload_with_hook`` (what diffusers'
+``enable_model_cpu_offload`` installs): that hook moves a component with ``module.to()`` both ways, from
+pageable memory, and copies the unchanged weights back on every offload; on the FLUX.1-dev pipeline
+(33.5 GB of weights) that cost 31.6 s per call on an H200, against 4.9 s of compute. :class:`WholeOffload`
+keeps one pinned CPU copy of each weight, onloads with asynchronous copies from it and offloads by
+dropping the device copy (inference does not change weights). It speaks accelerate's hook protocol, so
+diffusers (``_execution_device``, the VAE's ``decode``) and this project's refusals see it as theirs.
+diffusers' own ``enable_model_cpu_offload`` on the stock pipeline still works, parallelized or not.
+
+Text encoders go layer by layer (diffusers' ``leaf_level``): transformers' T5 and CLIP nest their block
+lists (``encoder.block``) where diffusers' block level, which looks among a module's direct children,
+does not find them, and its ``block_modules`` recursion registers its prefetch hooks twice with a stream
+(diffusers 0.42.1). A whole T5-XXL onloaded as one group was the peak of the layerwise FLUX pipeline.
 
 A parallel VAE (``parallel_vae``) is offloaded as a whole in every mode (onloaded for its decode,
 offloaded after the call): its banded decode reads some weights directly rather than through the
@@ -35,6 +46,7 @@ enable_group_offload(...) / enable_sequential_cpu_offload()`` (diffusers' names)
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,12 +74,74 @@ class Offload:
     def onload(self, name: str, module: torch.nn.Module) -> None:
         """Bring the whole component ``name`` to the device now (for entry points other than ``forward``)."""
         if name in self.hooks:
-            self.hooks[name].hook.pre_forward(module)  # accelerate's CpuOffload: to the device, the previous one back
+            self.hooks[name].pre_forward(module)
 
     def release(self) -> None:
         """After a pipeline call: every whole-component hook puts its component back on the CPU."""
         for hook in self.hooks.values():
             hook.offload()
+
+
+class _OnDevice:
+    """Which whole-offloaded component of a pipeline is on the device (one at a time)."""
+
+    def __init__(self) -> None:
+        self.current: WholeOffload | None = None
+
+
+class WholeOffload:
+    """A component offloaded whole: its weights live in one (pinned, on CUDA) CPU copy; the call of its
+    ``forward`` (or :meth:`pre_forward`) copies them to ``device`` asynchronously, sending the pipeline's
+    previous component back first; :meth:`offload` drops the device copy (no copy back).
+
+    Installed with accelerate's ``add_hook_to_module`` (it implements accelerate's ``ModelHook``
+    protocol: ``init_hook``, ``pre_forward``, ``post_forward``, ``detach_hook``), so it is the module's
+    ``_hf_hook`` as diffusers' own offload hooks are.
+    """
+
+    no_grad = False
+
+    def __init__(self, device: torch.device, on_device: _OnDevice) -> None:
+        self.execution_device = device  # read by diffusers' _execution_device
+        self.on_device = on_device
+        self.tensors: list[tuple[torch.Tensor, torch.Tensor]] = []  # (the module's tensor, its CPU copy)
+
+    def init_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        seen: set[int] = set()
+        for tensor in itertools.chain(module.parameters(), module.buffers()):
+            if id(tensor) in seen:  # tied weights: one copy
+                continue
+            seen.add(id(tensor))
+            host = tensor.data.to("cpu", copy=True)
+            if self.execution_device.type == "cuda":
+                host = host.pin_memory()
+            tensor.data = host
+            self.tensors.append((tensor, host))
+        return module
+
+    def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        from accelerate.utils import send_to_device
+
+        if self.on_device.current is not self:
+            if self.on_device.current is not None:
+                self.on_device.current.offload()
+            for tensor, host in self.tensors:
+                tensor.data = host.to(self.execution_device, non_blocking=True)
+            self.on_device.current = self
+        return send_to_device(args, self.execution_device), send_to_device(kwargs, self.execution_device)
+
+    def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+        return output
+
+    def offload(self) -> None:
+        """Back to the CPU copy (the device copy is freed once the work queued on it is done)."""
+        for tensor, host in self.tensors:
+            tensor.data = host
+        if self.on_device.current is self:
+            self.on_device.current = None
+
+    def detach_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        return module
 
 
 def resolve_offload(
@@ -94,7 +168,13 @@ def resolve_offload(
         raise ValueError(f"{what}: cannot compute on the meta device")
     if isinstance(blocks_per_group, bool) or not isinstance(blocks_per_group, int) or blocks_per_group < 1:
         raise ValueError(f"{what}: blocks_per_group must be a positive int, got {blocks_per_group!r}")
-    prefetch = (mode == "layerwise" and device.type == "cuda") if prefetch is None else prefetch
+    if prefetch is None:  # the default: prefetch wherever it can run
+        prefetch = mode == "layerwise" and device.type == "cuda" and blocks_per_group == 1
+    if prefetch and blocks_per_group != 1:
+        raise ValueError(
+            f"{what}: prefetch copies one block ahead (diffusers' streamed group offloading); "
+            f"blocks_per_group must be 1 with it, got {blocks_per_group}"
+        )
     if prefetch and (mode != "layerwise" or device.type != "cuda"):
         raise ValueError(f"{what}: prefetch (a side CUDA stream) needs mode 'layerwise' on a CUDA device")
     if get_hook(transformer, CUDA_GRAPH_HOOK) is not None:
@@ -112,27 +192,35 @@ def resolve_offload(
     return Offload(mode, device, blocks_per_group, prefetch)
 
 
+def has_block_list(module: torch.nn.Module) -> bool:
+    """Whether ``module`` holds its blocks in a list among its direct children (diffusers' transformers,
+    STDiT3), which is where diffusers' block-level offloading looks for them."""
+    return any(isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential)) for child in module.children())
+
+
 def offload_components(components: Iterable[tuple[str, torch.nn.Module | None]], offload: Offload, *, whole=()) -> None:
     """Offload each named component (``None`` ones are skipped, e.g. text encoders a rank does not hold)
     by ``offload.mode``, in the order given (the order they run: in the ``model`` mode each one's onload
     sends the previous one back). Components named in ``whole`` are offloaded whole in every mode; their
     hooks land in ``offload.hooks`` (call :meth:`Offload.onload` before using them other than by ``forward``)."""
-    from accelerate import cpu_offload, cpu_offload_with_hook
+    from accelerate import cpu_offload
+    from accelerate.hooks import add_hook_to_module
     from diffusers.hooks import apply_group_offloading
 
-    previous = None
+    on_device = _OnDevice()
     for name, module in components:
         if module is None:
             continue
         if offload.mode == "model" or name in whole:
-            module, previous = cpu_offload_with_hook(module, offload.device, prev_module_hook=previous)
-            offload.hooks[name] = previous
+            hook = offload.hooks[name] = WholeOffload(offload.device, on_device)
+            add_hook_to_module(module, hook)
         elif offload.mode == "layerwise":
+            blocks = has_block_list(module)
             apply_group_offloading(
                 module,
                 onload_device=offload.device,
-                offload_type="block_level",
-                num_blocks_per_group=offload.blocks_per_group,
+                offload_type="block_level" if blocks else "leaf_level",
+                num_blocks_per_group=offload.blocks_per_group if blocks else None,
                 use_stream=offload.prefetch,
                 non_blocking=offload.prefetch,
             )

@@ -22,7 +22,7 @@ from test_sharding import _steps
 from models import parallelize_flux, parallelize_flux_pipeline
 from models.caching import cache_summary, enable_cache, static_step_mask
 from models.flux.pipeline import TEXT_COMPONENTS
-from models.offload import MODES
+from models.offload import MODES, has_block_list
 from models.sharding import shard_weights
 from models.stdit.pipeline import parallelize_opensora
 from models.testing import tiny_flux_pipeline, tiny_opensora_pipeline
@@ -153,6 +153,7 @@ def _composition_and_errors() -> list[str]:
             "unknown mode": lambda: offloaded_video("disk"),
             "blocks per group": lambda: offloaded_video("layerwise", blocks_per_group=0),
             "prefetch on the CPU": lambda: offloaded_video("layerwise", prefetch=True),
+            "prefetch with groups of 2": lambda: offloaded_video("layerwise", prefetch=True, blocks_per_group=2),
             "meta": lambda: tiny_opensora_pipeline(seed=0).enable_offload("model", device="meta"),
             "twice": lambda: offloaded_video().enable_offload("sequential", device="cpu"),
             "moved while offloaded": lambda: offloaded_video().to("cpu"),
@@ -182,7 +183,15 @@ def test_offload_modes_equal_resident_on_every_mesh() -> None:
                 "unknown offload mode", "blocks_per_group must be a positive int", "prefetch (a side CUDA stream)",
                 "cannot compute on the meta device", "offloaded already", "the pipeline is offloaded",
                 "replays CUDA graphs", "a CUDA graph replays the addresses", "sharded with FSDP2",
-                "CPU-offloaded",
+                "CPU-offloaded", "blocks_per_group must be 1 with it",
             )  # fmt: skip
             for needle in needles:
                 assert needle in text, (needle, text)
+
+
+def test_layerwise_granularity_per_component():
+    """Layerwise offload goes by blocks where a component lists them among its children (FLUX's
+    transformer) and layer by layer where they are nested (transformers' T5 and CLIP)."""
+    pipe = tiny_flux_pipeline(seed=0)
+    assert has_block_list(pipe.transformer)
+    assert not has_block_list(pipe.text_encoder) and not has_block_list(pipe.text_encoder_2)

@@ -33,19 +33,18 @@ class ParallelFluxPipeline:
         self.offload: Offload | None = None
 
     def enable_model_cpu_offload(self, device: str | torch.device | None = None) -> None:
-        """diffusers' model-level offload (``FluxPipeline.enable_model_cpu_offload``): each component comes to
-        ``device`` (default: this process's CUDA device) when it runs; the parallel VAE's decode onloads it too."""
-        offload = self._resolve("model", device=device, blocks_per_group=1, prefetch=None)
-        self.pipe.enable_model_cpu_offload(device=offload.device)
-        self.offload = offload
+        """Model-level offload, as ``FluxPipeline.enable_model_cpu_offload``: each component comes to ``device``
+        (default: this process's CUDA device) when it runs, the previous one goes back; from pinned memory,
+        with no copy back (:class:`models.offload.WholeOffload`, and why it is not accelerate's hook)."""
+        self._offload_components(self._resolve("model", device=device, blocks_per_group=1, prefetch=None))
 
     def enable_group_offload(
         self, onload_device: str | torch.device, *, num_blocks_per_group: int = 1, use_stream: bool | None = None
     ) -> None:
-        """Layerwise offload (diffusers' group offloading, ``block_level``): ``num_blocks_per_group`` blocks of
-        the transformer and of the text encoders on ``onload_device`` at a time; ``use_stream`` (default: on
-        CUDA) copies the next group on a side stream while the current one computes. A parallel VAE is
-        offloaded whole (:mod:`models.offload`)."""
+        """Layerwise offload (diffusers' group offloading): ``num_blocks_per_group`` blocks of the transformer
+        (and one layer of each text encoder) on ``onload_device`` at a time; ``use_stream`` (default: on
+        CUDA with one block per group) copies the next block on a side stream while the current one
+        computes. A parallel VAE is offloaded whole (:mod:`models.offload`)."""
         offload = self._resolve(
             "layerwise", device=onload_device, blocks_per_group=num_blocks_per_group, prefetch=use_stream
         )

@@ -132,9 +132,10 @@ class OpenSoraPipeline:
         prefetch: bool | None = None,
     ) -> OpenSoraPipeline:
         """CPU offload (:mod:`models.offload`): ``"model"`` (T5, STDiT3 and the VAE each on ``device`` while
-        it runs), ``"layerwise"`` (``blocks_per_group`` blocks of STDiT3 and of T5 at a time, the next group
-        copied on a side stream when ``prefetch``, default on CUDA) or ``"sequential"`` (one layer at a time).
-        The VAE is offloaded whole in every mode. Before or after :func:`parallelize_opensora`; returns the pipeline."""
+        it runs), ``"layerwise"`` (``blocks_per_group`` blocks of STDiT3 and of T5 at a time, the next block
+        copied on a side stream when ``prefetch``, default on CUDA with one block per group) or
+        ``"sequential"`` (one layer at a time). The VAE is offloaded whole in every mode. Before or after
+        :func:`parallelize_opensora`; returns the pipeline."""
         offload = resolve_offload(
             mode, device=device, blocks_per_group=blocks_per_group, prefetch=prefetch, transformer=self.transformer,
             current=self.offload, what="OpenSoraPipeline.enable_offload",

@@ -64,7 +64,7 @@ def rflow_sample(
     if y_null is None:
         if base is None:
             raise ValueError("rflow_sample: pass y_null when the model is not an STDiT3")
-        y_null = base.y_embedder.y_embedding[None, None].expand(y.shape[0], 1, -1, -1).to(y.dtype)
+        y_null = base.y_embedder.y_embedding[None, None].expand(y.shape[0], 1, -1, -1).to(y.device, y.dtype)
     if z.dim() != 5 or y.dim() != 4 or y.shape[0] != z.shape[0] or y_null.shape != y.shape:
         raise ValueError(
             f"rflow_sample: z must be [B, C, T, H, W] and y, y_null [B, 1, L, C_text] with the same B; got z "
