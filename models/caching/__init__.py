@@ -47,6 +47,11 @@ def enable_cache(target: Any, config: DBCacheConfig) -> Any:
         raise ValueError(f"enable_cache needs a DBCacheConfig, got {type(config).__name__}")
     model = transformer_of(target, "enable_cache")
     kind = kind_of(model)
+    if not getattr(get_hook(model, kind.boundary), "exact", True):
+        raise ValueError(
+            "enable_cache: the transformer runs the displaced (stale-KV, inexact) mode, and "
+            "step caching does not combine with it (unparallelize_flux_displaced it first)"
+        )
     config.check_blocks(kind.units, f"this {kind.name} model")
     if get_hook(model, STEP_HOOK) is not None:
         raise ValueError("enable_cache: this model already has a step cache (disable_cache it first)")

@@ -117,21 +117,7 @@ def parallelize_flux(
     several GPUs. Call the model as before on every rank with the same full inputs; every rank
     gets the full output.
     """
-    if not isinstance(transformer, FluxTransformer2DModel):
-        raise ValueError(f"parallelize_flux needs a diffusers FluxTransformer2DModel, got {type(transformer).__name__}")
-    if get_hook(transformer, BOUNDARY_HOOK) is not None:
-        raise ValueError("parallelize_flux: this transformer is already parallel (unparallelize_flux it first)")
-    if text not in TEXT_MODES:
-        raise ValueError(f"parallelize_flux: text must be one of {TEXT_MODES}, got {text!r}")
-    if not isinstance(mesh, ParallelMesh):
-        raise ValueError(f"parallelize_flux needs a ParallelMesh, got {type(mesh).__name__}")
-    processors = transformer.attn_processors
-    foreign = sorted({type(p).__name__ for p in processors.values()} - _DEFAULT_PROCESSORS)
-    if foreign:
-        raise ValueError(
-            f"parallelize_flux supports FLUX's default attention processor only; this transformer uses {foreign} "
-            "(IP-Adapter and custom processors are not supported)"
-        )
+    processors = _check_flux(transformer, mesh, text, "parallelize_flux")
     context = CallContext("parallel FLUX", JointLayout)
     state = _FluxState(mesh=mesh, text=text, processors=processors, context=context)
     transformer.set_attn_processor(FluxSequenceParallelProcessor(mesh, context, backend=backend))
@@ -139,6 +125,26 @@ def parallelize_flux(
     if cuda_graph:
         apply_cuda_graph(transformer)
     return transformer
+
+
+def _check_flux(transformer: Any, mesh: Any, text: Any, what: str) -> dict[str, Any]:
+    """The attention processors of a FLUX transformer ``what`` may make parallel on ``mesh``; else a ``ValueError``."""
+    if not isinstance(transformer, FluxTransformer2DModel):
+        raise ValueError(f"{what} needs a diffusers FluxTransformer2DModel, got {type(transformer).__name__}")
+    if get_hook(transformer, BOUNDARY_HOOK) is not None:
+        raise ValueError(f"{what}: this transformer is already parallel (unparallelize_flux it first)")
+    if text not in TEXT_MODES:
+        raise ValueError(f"{what}: text must be one of {TEXT_MODES}, got {text!r}")
+    if not isinstance(mesh, ParallelMesh):
+        raise ValueError(f"{what} needs a ParallelMesh, got {type(mesh).__name__}")
+    processors = transformer.attn_processors
+    foreign = sorted({type(p).__name__ for p in processors.values()} - _DEFAULT_PROCESSORS)
+    if foreign:
+        raise ValueError(
+            f"{what} supports FLUX's default attention processor only; this transformer uses {foreign} "
+            "(IP-Adapter and custom processors are not supported)"
+        )
+    return processors
 
 
 def unparallelize_flux(transformer: FluxTransformer2DModel) -> FluxTransformer2DModel:
@@ -149,6 +155,7 @@ def unparallelize_flux(transformer: FluxTransformer2DModel) -> FluxTransformer2D
         raise ValueError("unparallelize_flux: this transformer is not parallel")
     remove_hook(transformer, CFG_HOOK)
     remove_cuda_graph(transformer)  # its graphs hold the parallel call
+    boundary.release(transformer)
     transformer.set_attn_processor(boundary.state.processors)
     remove_hook(transformer, BOUNDARY_HOOK)
     return transformer
@@ -157,12 +164,22 @@ def unparallelize_flux(transformer: FluxTransformer2DModel) -> FluxTransformer2D
 class _Boundary(Hook):
     """The model boundary: shard the call's inputs over the mesh, run the model, gather the output."""
 
+    exact = True  # False: the displaced mode (models/flux/displaced.py), which step caching refuses
+
     def __init__(self, state: _FluxState, signature: inspect.Signature) -> None:
         self.state = state
         self.signature = signature
 
     def call(self, module: torch.nn.Module, inner: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         return _parallel_call(inner, self.state, dict(self.signature.bind(*args, **kwargs).arguments))
+
+    def release(self, module: torch.nn.Module) -> None:
+        """Let go of what the boundary holds besides its hook and processors, before they are removed (nothing
+        here; the displaced mode's boundary waits for its exchanges in flight)."""
+
+    def end_pipeline_call(self, *, failed: bool) -> None:
+        """A pipeline call (a whole sampling run) ended: drop per-run state (nothing here; the displaced
+        mode's stale k/v). ``failed``: it raised, so the ranks may not all have sent their exchanges."""
 
 
 @dataclass(frozen=True)

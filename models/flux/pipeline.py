@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from diffusers import FluxPipeline
 
-from models.flux.adapter import CfgPair, pair_cfg_calls, parallelize_flux, unparallelize_flux
+from models.flux.adapter import BOUNDARY_HOOK, CfgPair, pair_cfg_calls, parallelize_flux, unparallelize_flux
 from models.offload import Offload, offload_components, resolve_offload
 from parallel_vae import is_parallel_vae, parallelize_vae, unparallelize_vae
+from xdit_core.hooks import get_hook
 from xdit_core.mesh import ParallelMesh
 from xdit_core.on_rank import compute_on_rank
 
@@ -137,11 +138,17 @@ class ParallelFluxPipeline:
         if pair:
             negative = (got["negative_prompt_embeds"], got["negative_pooled_prompt_embeds"], got["negative_text_ids"])
             pair_cfg_calls(pipe.transformer, CfgPair(*negative))
+        failed = True
         try:
-            return pipe(**call)
+            out = pipe(**call)
+            failed = False
+            return out
         finally:
             if pair:
                 pair_cfg_calls(pipe.transformer, None)
+            boundary = get_hook(pipe.transformer, BOUNDARY_HOOK)
+            if boundary is not None:
+                boundary.end_pipeline_call(failed=failed)
             if self.offload is not None:
                 self.offload.release()
 

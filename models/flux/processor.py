@@ -84,6 +84,10 @@ class FluxSequenceParallelProcessor:
         self.context = context
         self.backend = backend
 
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """The attention of this rank's tokens ``[B, T + I_local, H, D]`` (q, k, v after RoPE): exact, over the mesh."""
+        return _parallel_attention(q, k, v, self.mesh, self.context, self.backend)
+
     def __call__(
         self,
         attn: Any,
@@ -114,7 +118,7 @@ class FluxSequenceParallelProcessor:
         if image_rotary_emb is not None:
             q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
             k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
-        out = _parallel_attention(q, k, v, self.mesh, self.context, self.backend)
+        out = self.attend(q, k, v)
         out = out.flatten(2, 3).to(q.dtype)
         if not joint_stream:
             return out
