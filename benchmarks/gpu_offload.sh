@@ -10,6 +10,8 @@ run() { timeout "$1" torchrun --nproc_per_node 1 benchmarks/offload_bench.py "${
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, accelerate; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'accelerate', accelerate.__version__)"
+  echo "== tests/test_gpu_offload.py: every mode onto the GPU equals resident (tiny pipelines)"
+  timeout 240 torchrun --nproc_per_node 1 -m pytest tests/test_gpu_offload.py -q -p no:cacheprovider --tb=short 2>&1 | tail -15
   for part in ${PARTS:-flux opensora}; do
     case "$part" in
       flux)

@@ -22,7 +22,7 @@ from test_sharding import _steps
 from models import parallelize_flux, parallelize_flux_pipeline
 from models.caching import cache_summary, enable_cache, static_step_mask
 from models.flux.pipeline import TEXT_COMPONENTS
-from models.offload import MODES, has_block_list
+from models.offload import MODES, Offload, has_block_list, offload_components
 from models.sharding import shard_weights
 from models.stdit.pipeline import parallelize_opensora
 from models.testing import tiny_flux_pipeline, tiny_opensora_pipeline
@@ -195,3 +195,23 @@ def test_layerwise_granularity_per_component():
     pipe = tiny_flux_pipeline(seed=0)
     assert has_block_list(pipe.transformer)
     assert not has_block_list(pipe.text_encoder) and not has_block_list(pipe.text_encoder_2)
+
+
+def test_whole_offload_keeps_one_component_on_the_device():
+    """The model mode: calling a component makes it the one on the device (the previous one goes back),
+    outputs unchanged; ``release`` leaves none there."""
+    torch.manual_seed(0)
+    first, second = torch.nn.Linear(4, 4), torch.nn.Linear(4, 3)
+    x = torch.randn(2, 4)
+    want = first(x), second(first(x))
+    offload = Offload("model", torch.device("cpu"))
+    offload_components([("first", first), ("second", second), ("absent", None)], offload)
+    assert sorted(offload.hooks) == ["first", "second"]
+    current = offload.hooks["first"].on_device
+    assert current.current is None
+    torch.testing.assert_close(first(x), want[0], rtol=0, atol=0)
+    assert current.current is offload.hooks["first"]
+    torch.testing.assert_close(second(first(x)), want[1], rtol=0, atol=0)
+    assert current.current is offload.hooks["second"]
+    offload.release()
+    assert current.current is None

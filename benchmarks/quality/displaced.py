@@ -206,11 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--patches", type=int, nargs="+", default=[2, 4])
     p.add_argument("--warmup", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--text", nargs="+", choices=TEXT_MODES, default=list(TEXT_MODES))
-    p.add_argument("--shift", type=float, default=1.0, help="FLUX time shift (1: none)")
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when there is a GPU), cpu, cuda, ...")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--no-metrics", action="store_true", help="skip PSNR and SSIM (no torchmetrics needed)")
+    evaluate.add_sampling_options(p)
     args = p.parse_args(argv)
     if args.tiny:
         args.random, args.steps, args.prompts = True, min(args.steps, 4), min(args.prompts, 2)

@@ -364,6 +364,15 @@ def _plot_samples(plt: Any, images: dict[str, Tensor], targets: Tensor | None, p
     plt.close(fig)
 
 
+def add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    """The sampling and metric options this harness's scripts share (here and ``displaced.py``)."""
+    parser.add_argument("--shift", type=float, default=1.0, help="FLUX time shift (1: none)")
+    parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when there is a GPU), cpu, cuda, ...")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--no-metrics", action="store_true", help="skip PSNR and SSIM (no torchmetrics needed)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="the folder train.py wrote")
@@ -372,11 +381,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--seed", type=int, default=1234, help="of the prompt set (prompt i's noise: seed + 1 + i)")
     parser.add_argument("--batch", type=int, default=1, help="prompts per sampling run (the cache decides per run)")
-    parser.add_argument("--shift", type=float, default=1.0, help="FLUX time shift (1: none)")
-    parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    parser.add_argument("--no-metrics", action="store_true", help="skip PSNR and SSIM (no torchmetrics needed)")
+    add_sampling_options(parser)
     args = parser.parse_args(argv)
     if args.steps < 1 or args.prompts < 1 or args.batch < 1:
         parser.error("--steps, --prompts and --batch must be ≥ 1")
