@@ -36,6 +36,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baselines import check as check_baselines
+from baselines import load as load_baselines
 from cli_types import OneLineParser, int_at_least, int_list, name_list
 from workloads import attention_workload
 
@@ -140,7 +142,11 @@ def run_world(args: argparse.Namespace, device: torch.device) -> list[dict]:
     torch.manual_seed(0)
     timer = Timer(device, warmup=args.warmup, iters=args.iters, reps=args.reps)
     rows = []
-    where = {"device": device.type, **({"cpu_cores": os.cpu_count()} if device.type == "cpu" else {})}
+    where = {"device": device.type}
+    if device.type == "cuda":  # the machine a baseline is of (benchmarks/baselines.py)
+        where["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        where["cpu_cores"] = os.cpu_count()
     for name in args.workloads:
         for row in WORKLOADS[name](args, timer):
             row = {**row, **where}
@@ -355,9 +361,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=positive, default=None)
     p.add_argument("--out", default="results", help="folder for sweep.json / .csv / .txt / speedup.png")
     p.add_argument("--report", default=None, help="only merge the world_*.json files in this folder")
+    p.add_argument(
+        "--check",
+        default=None,
+        help="after the report: compare with this baselines file (benchmarks/baselines.json); exit 1 on a "
+        "regression, a parity failure or a listed figure not measured",
+    )
     args = p.parse_args(argv)
     if not args.workloads:
         p.error("argument --workloads: expected at least one workload")
+    if args.check is not None:
+        try:
+            load_baselines(args.check)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            p.error(f"argument --check: {args.check} is not a baselines file: {e}")
     return args
 
 
@@ -398,6 +415,7 @@ def main(argv: list[str] | None = None) -> None:
         if not rows:
             raise SystemExit(f"sweep --report: no rows in {folder}/world_*.json (run the torchrun sweeps first)")
         print(write_report(rows, folder))
+        _check(rows, args.check)
         return
     if "WORLD_SIZE" in os.environ:  # under torchrun: this world only, results appended per world
         ctx = init_distributed()
@@ -422,6 +440,19 @@ def main(argv: list[str] | None = None) -> None:
         rows += spawn(_spawned_world, world, args, backend="gloo", timeout_s=1800)[0]
     print(write_report(rows, out))
     print(f"\nwrote {out}/sweep.json, sweep.csv, sweep.txt, speedup.png")
+    _check(rows, args.check)
+
+
+def _check(rows: list[dict], path: str | None) -> None:
+    """``--check``: the baselines of the rows' machines (``benchmarks/baselines.py``); exit 1 on a failure."""
+    if path is None:
+        return
+    failures, notes = check_baselines(rows, load_baselines(path))
+    print(f"\nbaselines ({path}):")
+    for line in notes + failures:
+        print(f"  {line}")
+    if failures:
+        raise SystemExit(f"sweep --check: {len(failures)} of the baselines failed")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """benchmarks/sweep.py: bad arguments stop argparse with one line (exit 2, before any process); the
-report sorts shapes numerically and labels CPU rows as a smoke test (no sweep is run here)."""
+report sorts shapes numerically and labels CPU rows as a smoke test; --check compares with the regression
+baselines (no sweep is run here)."""
 
 from __future__ import annotations
 
@@ -110,3 +111,92 @@ def test_shape_key_orders_numbers_as_numbers(sweep) -> None:
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+# ------------------------------------------------------------------ regression baselines (benchmarks/baselines.py)
+def _baselines_file(tmp_path: Path, **changes) -> Path:
+    entry = {
+        "machine": "NVIDIA H200", "workload": "attention", "shape": "S4608", "world": 2, "variant": "ulysses",
+        "mesh": "u2r1", "metric": "median_ms", "value": 1.0, "tolerance": 0.05, "measured": "test",
+    }  # fmt: skip
+    path = tmp_path / "baselines.json"
+    path.write_text(json.dumps({"baselines": [{**entry, **changes}]}))
+    return path
+
+
+def _gpu_rows(ms: float, ok: bool = True, gpu: str = "NVIDIA H200") -> list[dict]:
+    rows = [_row("S4608", 1, 2.0, "cuda"), _row("S4608", 2, ms, "cuda")]
+    for row in rows:
+        row["gpu"] = gpu
+    rows[1]["ok"] = ok
+    return rows
+
+
+def test_the_committed_baselines_load(sweep) -> None:
+    from baselines import DEFAULT, load  # benchmarks/ is on the path once sweep.py is loaded
+
+    baselines = load(DEFAULT)
+    assert baselines and all(b.machine == "NVIDIA H200" for b in baselines)
+    assert {b.workload for b in baselines} == {"flux", "stdit"}
+
+
+@pytest.mark.parametrize(
+    ("ms", "ok", "gpu", "verdict"),
+    [
+        (1.04, True, "NVIDIA H200", "ok "),
+        (0.80, True, "NVIDIA H200", "faster (update the baseline)"),
+        (1.06, True, "NVIDIA H200", "REGRESSION"),
+        (1.00, False, "NVIDIA H200", "PARITY FAILED"),
+    ],
+)
+def test_check_against_baselines(sweep, tmp_path, ms, ok, gpu, verdict) -> None:
+    from baselines import check, load
+
+    failures, notes = check(_gpu_rows(ms, ok, gpu), load(_baselines_file(tmp_path)))
+    lines = failures + notes
+    assert len(lines) == 1 and lines[0].startswith(verdict), lines
+    assert bool(failures) == (verdict in ("REGRESSION", "PARITY FAILED"))
+
+
+def test_a_run_with_no_baseline_of_its_machine_checked_nothing(sweep, tmp_path) -> None:
+    from baselines import check, load
+
+    failures, notes = check(_gpu_rows(9.0, gpu="NVIDIA H100"), load(_baselines_file(tmp_path)))
+    assert notes[0].startswith("skipped (not measured on this machine)"), notes
+    assert len(failures) == 1 and failures[0].startswith("NOTHING CHECKED"), failures
+
+
+def test_a_listed_figure_not_measured_fails(sweep, tmp_path) -> None:
+    from baselines import check, load
+
+    failures, _ = check(_gpu_rows(1.0), load(_baselines_file(tmp_path, shape="S16896")))
+    assert len(failures) == 1 and failures[0].startswith("NOT MEASURED"), failures
+
+
+def test_report_check_exits_1_on_a_regression(sweep, tmp_path, capsys) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    baselines = _baselines_file(tmp_path)
+    (results / "world_1.json").write_text(json.dumps(_gpu_rows(1.0)[:1]))
+    (results / "world_2.json").write_text(json.dumps(_gpu_rows(1.0)[1:]))
+    sweep.main(["--report", str(results), "--check", str(baselines)])  # within tolerance: returns
+    assert "ok NVIDIA H200: attention S4608 world 2 ulysses u2r1" in capsys.readouterr().out
+    (results / "world_2.json").write_text(json.dumps(_gpu_rows(1.2)[1:]))
+    with pytest.raises(SystemExit, match="1 of the baselines failed"):
+        sweep.main(["--report", str(results), "--check", str(baselines)])
+    assert "REGRESSION" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"tolerance": 0}, "0 < tolerance < 1"),
+        ({"metric": "p99"}, "metric must be one of"),
+        ({"value": -1}, "value > 0"),
+    ],
+)
+def test_bad_baselines_file_stops_with_one_line(sweep, tmp_path, capsys, changes, message) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.parse_args(["--check", str(_baselines_file(tmp_path, **changes))])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "argument --check:" in err and message in err, err
