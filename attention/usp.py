@@ -12,12 +12,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 
 from attention.checks import check_sequence_call
 from attention.joint import attend_layout
 from attention.masking import Keep
 from attention.ring import ring_attention_core
 from attention.ulysses import ulysses_core
+from xdit_core.collectives import Group, process_group_of
 from xdit_core.mesh import ParallelMesh
 
 Tensor = torch.Tensor
@@ -52,19 +54,47 @@ def usp_attention(
     equal the single-device ones.
     """
     check = mesh.check_ranks if check_ranks is None else check_ranks
-    call = check_sequence_call(
-        q, k, v, group=mesh.sp_group, group_rank=mesh.sp_rank, seq_len=seq_len, kv_seq_len=kv_seq_len,
+    return usp_on_groups(
+        q, k, v, mesh.sp_group, mesh.ulysses_transport, mesh.ring_group, seq_len=seq_len, kv_seq_len=kv_seq_len,
         kv_replicated=kv_replicated, key_mask=key_mask, joint=joint, joint_key_mask=joint_key_mask, scale=scale,
-        backend=backend, return_lse=return_lse, check_ranks=check, what="usp_attention",
-        extra_names=("mesh (ulysses, ring)",), extra_values=((mesh.ulysses_size, mesh.ring_size),),
+        backend=backend, return_lse=return_lse, check_ranks=check,
     )  # fmt: skip
-    u = mesh.ulysses_size
+
+
+def usp_on_groups(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    sp_group: dist.ProcessGroup,
+    ulysses: Group,
+    ring_group: dist.ProcessGroup,
+    *,
+    seq_len: int | Sequence[int] | None,
+    kv_seq_len: int | Sequence[int] | None = None,
+    kv_replicated: bool = False,
+    key_mask: Tensor | None = None,
+    joint: tuple[Tensor, Tensor, Tensor] | None = None,
+    joint_key_mask: Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+    return_lse: bool = False,
+    check_ranks: bool,
+) -> Tensor | tuple[Tensor, ...]:
+    """:func:`usp_attention` on a mesh's three groups: ``sp_group`` (the sequence's ranks, ring-major),
+    the ulysses transport (a group or its ``PeerExchange``) and the ring group of this rank."""
+    u, ring_size, ring_rank = process_group_of(ulysses).size(), ring_group.size(), ring_group.rank()
+    call = check_sequence_call(
+        q, k, v, group=sp_group, group_rank=sp_group.rank(), seq_len=seq_len, kv_seq_len=kv_seq_len,
+        kv_replicated=kv_replicated, key_mask=key_mask, joint=joint, joint_key_mask=joint_key_mask, scale=scale,
+        backend=backend, return_lse=return_lse, check_ranks=check_ranks, what="usp_attention",
+        extra_names=("mesh (ulysses, ring)",), extra_values=((u, ring_size),),
+    )  # fmt: skip
 
     def per_ring_rank(lengths: list[int]) -> list[int]:
-        return [sum(lengths[r * u : (r + 1) * u]) for r in range(mesh.ring_size)]
+        return [sum(lengths[r * u : (r + 1) * u]) for r in range(ring_size)]
 
     def mine(lengths: list[int]) -> list[int]:  # the lengths of this rank's ulysses group
-        return lengths[mesh.ring_rank * u : (mesh.ring_rank + 1) * u]
+        return lengths[ring_rank * u : (ring_rank + 1) * u]
 
     def attend(
         q: Tensor, k: Tensor, v: Tensor, lengths: list[int], kv_lengths: list[int] | None, keep: Keep | None
@@ -72,11 +102,11 @@ def usp_attention(
         ring_kv = None if kv_lengths is None else per_ring_rank(kv_lengths)
 
         def ring(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-            return ring_attention_core(q, k, v, mesh.ring_group, call.scale, call.backend, ring_kv, keep, True)
+            return ring_attention_core(q, k, v, ring_group, call.scale, call.backend, ring_kv, keep, True)
 
         return ulysses_core(
-            q, k, v, mesh.ulysses_transport, ring, mine(lengths), None if kv_lengths is None else mine(kv_lengths),
+            q, k, v, ulysses, ring, mine(lengths), None if kv_lengths is None else mine(kv_lengths),
             with_lse=return_lse,
         )  # fmt: skip
 
-    return attend_layout(attend, q, k, v, mesh.sp_group, call, return_lse)
+    return attend_layout(attend, q, k, v, sp_group, call, return_lse)

@@ -17,6 +17,7 @@ from einops import rearrange
 from torch import nn
 
 from attention import attention_with_lse
+from attention.op import attention_op
 from models.stdit.layers import RMSNorm
 
 Tensor = torch.Tensor
@@ -111,5 +112,6 @@ class LocalCrossAttention:
     def __call__(self, attn: CrossAttention, x: Tensor, y: Tensor, y_mask: Tensor | None) -> Tensor:
         q = attn.q_linear(x).unflatten(-1, (attn.num_heads, attn.head_dim))
         k, v = attn.kv_linear(y).unflatten(-1, (2, attn.num_heads, attn.head_dim)).unbind(2)
-        out, _ = attention_with_lse(q, k, v, key_mask=y_mask, backend=self.backend)
+        attend = attention_op if torch.compiler.is_compiling() else attention_with_lse  # op: no graph break
+        out, _ = attend(q, k, v, key_mask=y_mask, backend=self.backend)
         return attn.proj(out.flatten(2))

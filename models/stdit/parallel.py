@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from attention.op import usp_attention_op
 from attention.usp import usp_attention
 from models.stdit.attention import (
     Rope,
@@ -77,6 +78,12 @@ class SpatialLayout:
     samples: tuple[int, ...]
 
 
+@torch.compiler.disable
+def _eager_usp(q: Tensor, k: Tensor, v: Tensor, mesh: ParallelMesh, positions: list[int], backend: str) -> Tensor:
+    """USP outside torch.compile's graphs (eager calls; a PeerExchange mesh under compile)."""
+    return usp_attention(q, k, v, mesh, seq_len=positions, backend=backend)
+
+
 class UspSpatialAttention:
     """Spatial attention over the positions of each frame, sharded by position: USP over the mesh."""
 
@@ -87,7 +94,10 @@ class UspSpatialAttention:
         seq = to_attention_layout(x, frames, "spatial")  # [(B T), S_local, C]
         q, k, v = attn.project_qkv(seq, rope)
         positions = list(self.context.layout.positions)
-        out = usp_attention(q, k, v, self.mesh, seq_len=positions, backend=self.backend)
+        if torch.compiler.is_compiling() and self.mesh.ulysses_exchange is None:  # one op in the graph
+            out = usp_attention_op(q, k, v, self.mesh, seq_len=positions, backend=self.backend)
+        else:
+            out = _eager_usp(q, k, v, self.mesh, positions, self.backend)
         return attn.proj(from_attention_layout(out.flatten(2), x.shape[0], "spatial"))
 
 
