@@ -8,12 +8,15 @@ transformer (random bf16 weights, ``flux_model.py``) at ``--size``² runs ``--st
 * ``displaced``: ``parallelize_flux_displaced`` with ``--warmup`` exact steps, then stale K/V (inexact);
 * ``no-comm``: the exact mode's split and gather, but every attention over this rank's own tokens only:
   the no-communication bound of any patch-parallel scheme (its output is not an image of anything);
+* with ``--tp``: the exact and no-comm modes on a mesh with that tensor-parallel degree (the weights' Linears
+  split over it; Ulysses over the rest);
 * ``sharded``: the exact mode with the weights sharded by FSDP2 over the sequence-parallel ranks
   (``shard_weights``; one block gathered at a time, the next prefetched). Sharding is one-way, so this
   mode runs last.
 
 Per mode: the median wall time of ``--reps`` runs after one warm-up run, the time per step, the peak
-memory of the slowest rank, and the relative L2 distance of the output from the exact run's (``exact``
+memory of the slowest rank, the parameter bytes one rank holds (``models.tensor_parallel.parameter_bytes``),
+and the relative L2 distance of the output from the exact run's (``exact``
 and ``sharded`` must agree to rounding; ``displaced`` differs by design). Rank 0 writes
 ``--out``/modes_bench.json.
 
@@ -37,6 +40,7 @@ from attention import attention_with_lse
 from models import parallelize_flux, parallelize_flux_displaced, unparallelize_flux, unparallelize_flux_displaced
 from models.flux.processor import FluxSequenceParallelProcessor
 from models.sharding import shard_weights
+from models.tensor_parallel import parameter_bytes
 from xdit_core import ParallelMesh, init_distributed
 
 MODES = ("exact", "displaced", "no-comm", "sharded")
@@ -72,6 +76,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1, help="displaced: exact warm-up steps")
     p.add_argument("--ring", type=int, default=1, help="ring degree (Ulysses over the rest)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (exact, no-comm and sharded modes)")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--tiny", action="store_true", help="the tests' tiny FLUX in float32 (a CPU smoke run)")
     p.add_argument("--out", default="results/modes")
@@ -79,10 +84,13 @@ def main() -> None:
     ctx = init_distributed()
     if ctx.world_size < 2:
         raise SystemExit("modes_bench.py compares parallel modes: run it with torchrun --nproc_per_node 2 or more")
-    if ctx.world_size % args.ring:
-        raise SystemExit(f"--ring {args.ring} does not divide the {ctx.world_size} processes")
+    if ctx.world_size % (args.ring * args.tp):
+        raise SystemExit(f"--ring {args.ring} × --tp {args.tp} does not divide the {ctx.world_size} processes")
     device = ctx.device
-    mesh = ParallelMesh.build(ulysses=ctx.world_size // args.ring, ring=args.ring)
+    mesh = ParallelMesh.build(ulysses=ctx.world_size // (args.ring * args.tp), ring=args.ring, tp=args.tp)
+    modes = [m for m in args.modes if not (args.tp > 1 and m in ("displaced", "sharded"))]
+    if modes != args.modes:
+        print("modes_bench: with --tp, the displaced and sharded modes do not apply (refused by the library)")
     if args.tiny:
         from models.testing import TINY_FLUX_CONFIG
 
@@ -94,7 +102,7 @@ def main() -> None:
     say = print if ctx.rank == 0 else (lambda *a, **k: None)
     rows, exact = [], None
     # sharding is one-way: it runs last, whatever the order asked
-    for mode in sorted(args.modes, key=MODES.index):
+    for mode in sorted(modes, key=MODES.index):
         if mode == "displaced":
             parallelize_flux_displaced(model, mesh, warmup_steps=args.warmup)
         else:
@@ -114,7 +122,8 @@ def main() -> None:
         rows.append(
             {
                 "mode": mode, "seconds": round(seconds, 4), "step_ms": round(1e3 * seconds / args.steps, 2),
-                "peak_gib": peak_gib(device), "rel_l2_vs_exact": rel,
+                "peak_gib": peak_gib(device), "param_gib": round(parameter_bytes(model) / 2**30, 3),
+                "rel_l2_vs_exact": rel,
                 **({"warmup_steps": args.warmup} if mode == "displaced" else {}),
             }
         )  # fmt: skip

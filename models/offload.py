@@ -54,6 +54,7 @@ from typing import Any
 import torch
 from torch.distributed.fsdp import FSDPModule
 
+from models.tensor_parallel import is_tensor_parallel
 from xdit_core.graphs import CUDA_GRAPH_HOOK
 from xdit_core.hooks import get_hook, offload_hook_on
 
@@ -186,6 +187,8 @@ def resolve_offload(
         raise ValueError(
             f"{what}: the transformer's weights are sharded with FSDP2 (shard_weights); offload one or other"
         )
+    if is_tensor_parallel(transformer):
+        raise ValueError(f"{what}: the transformer is tensor-parallel (DTensor weights); offload does not combine")
     found = offload_hook_on(transformer)
     if found is not None:
         raise ValueError(f"{what}: offload hooks are on the transformer already ({found})")

@@ -24,6 +24,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from models.caching.kinds import kind_of, transformer_of
+from models.tensor_parallel import is_tensor_parallel
 from xdit_core.graphs import CUDA_GRAPH_HOOK
 from xdit_core.hooks import get_hook, offload_hook_on
 from xdit_core.mesh import ParallelMesh
@@ -37,6 +38,11 @@ def shard_weights(target: Any, mesh: ParallelMesh, *, axis: str = "sp", prefetch
         raise ValueError(f"shard_weights needs a ParallelMesh, got {type(mesh).__name__}")
     if isinstance(model, FSDPModule):
         raise ValueError("shard_weights: the weights of this model are sharded already")
+    if is_tensor_parallel(model):
+        raise ValueError(
+            "shard_weights: the model is tensor-parallel (its weights are split over the tp axis already); "
+            "FSDP2 over another axis on top is not supported"
+        )
     if get_hook(model, CUDA_GRAPH_HOOK) is not None:
         raise ValueError(
             "shard_weights: the model replays CUDA graphs (apply_cuda_graph / cuda_graph=True), which cannot "

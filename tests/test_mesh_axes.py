@@ -103,7 +103,7 @@ def _errors() -> list[str]:
             "rank twice": lambda: ParallelMesh.build(ulysses=2, ranks=[1, 1]),
             "ranks decreasing": lambda: ParallelMesh.build(ulysses=2, ranks=[2, 1]),
             "degrees vs ranks": lambda: ParallelMesh.build(ulysses=3, ranks=[0, 1]),
-            "unknown group": lambda: ParallelMesh.build(ulysses=4).group("tp"),
+            "unknown group": lambda: ParallelMesh.build(ulysses=4).group("pipeline"),
             "check_ranks not a bool": lambda: ParallelMesh.build(ulysses=4, check_ranks=1),  # type: ignore[arg-type]
         }
     )
@@ -133,7 +133,7 @@ def test_named_axes_subset_meshes_and_device_meshes():
     assert all(r["errors"] == errors for r in reports)
     for words, message in zip(
         ["in that order", "named from", "DeviceMesh", "world ranks", "twice", "must increase", "do not match",
-         "no group 'tp'", "True or False"],
+         "no group 'pipeline'", "True or False"],
         errors,
         strict=True,
     ):  # fmt: skip

@@ -87,7 +87,7 @@ def _worker(cases: list) -> dict:
         report["errors"] = expect_value_errors(
             {
                 "twice": lambda: shard_weights(model, mesh),
-                "unknown axis": lambda: shard_weights(tiny_transformer(), mesh, axis="tp"),
+                "unknown axis": lambda: shard_weights(tiny_transformer(), mesh, axis="pipeline"),
                 "not a model": lambda: shard_weights(torch.nn.Linear(2, 2), mesh),
                 "no mesh": lambda: shard_weights(tiny_transformer(), None),
                 "graph on a sharded model": lambda: apply_cuda_graph(model),
@@ -102,6 +102,6 @@ def test_sharded_weights_equal_resident_model() -> None:
         reports = run_ranks(_worker, world, cases, timeout_s=600)
         assert all(r["max_err"] <= 1e-5 for r in reports)
         text = "\n".join(reports[0]["errors"])
-        needles = ("sharded already", "has no group 'tp'", "cannot address", "needs a ParallelMesh")
+        needles = ("sharded already", "has no group 'pipeline'", "cannot address", "needs a ParallelMesh")
         for needle in (*needles, "a CUDA graph cannot follow", "cannot follow FSDP2's weight gathers"):
             assert needle in text, text

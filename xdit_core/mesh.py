@@ -1,10 +1,14 @@
-"""The process mesh: which ranks form the ulysses, ring, batch and sequence-parallel groups.
+"""The process mesh: which ranks form the tensor-parallel, ulysses, ring, batch and sequence-parallel groups.
 
-World ranks are laid out as a ``batch × ring × ulysses`` grid with ulysses varying fastest, so each
-ulysses group is a run of contiguous ranks (the fast links on one host)::
+World ranks are laid out as a ``batch × ring × ulysses × tp`` grid with tp varying fastest, then
+ulysses, so each tensor-parallel group, then each ulysses group, is a run of contiguous ranks (the
+fast links on one host)::
 
-    rank = (batch_rank * ring_size + ring_rank) * ulysses_size + ulysses_rank
+    rank = ((batch_rank * ring_size + ring_rank) * ulysses_size + ulysses_rank) * tp_size + tp_rank
     sp_rank = ring_rank * ulysses_size + ulysses_rank
+
+The ranks of one tensor-parallel group hold the same tokens and split the weights; the sequence-parallel
+group of a rank is the ranks with its batch and tp coordinates.
 
 ``sp_rank`` is the index of the sequence chunk a rank owns (``shard_sequence`` takes chunk ``sp_rank``);
 Ulysses and ring attention assume exactly this order, so it is defined here once.
@@ -22,18 +26,20 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from xdit_core.peer import PeerExchange
 
-AXES = ("batch", "ring", "ulysses")
+AXES = ("batch", "ring", "ulysses", "tp")
 
 
-def mesh_coordinates(rank: int, *, ulysses: int, ring: int, batch: int = 1) -> tuple[int, int, int]:
-    """``(batch_rank, ring_rank, ulysses_rank)`` of a world rank in a ``batch × ring × ulysses`` grid."""
-    _check_degrees(ulysses, ring, batch)
-    if not 0 <= rank < ulysses * ring * batch:
-        raise ValueError(f"rank {rank} is outside a mesh of {ulysses * ring * batch} ranks")
+def mesh_coordinates(rank: int, *, ulysses: int, ring: int, batch: int = 1, tp: int = 1) -> tuple[int, ...]:
+    """``(batch_rank, ring_rank, ulysses_rank)`` of a world rank in a ``batch × ring × ulysses × tp`` grid
+    (with ``tp > 1``: ``(batch_rank, ring_rank, ulysses_rank, tp_rank)``)."""
+    _check_degrees(ulysses, ring, batch, tp)
+    if not 0 <= rank < ulysses * ring * batch * tp:
+        raise ValueError(f"rank {rank} is outside a mesh of {ulysses * ring * batch * tp} ranks")
+    tp_rank, rank = rank % tp, rank // tp
     ulysses_rank = rank % ulysses
     ring_rank = (rank // ulysses) % ring
     batch_rank = rank // (ulysses * ring)
-    return batch_rank, ring_rank, ulysses_rank
+    return (batch_rank, ring_rank, ulysses_rank) + ((tp_rank,) if tp > 1 else ())
 
 
 def sp_index(ring_rank: int, ulysses_rank: int, ulysses: int) -> int:
@@ -41,8 +47,8 @@ def sp_index(ring_rank: int, ulysses_rank: int, ulysses: int) -> int:
     return ring_rank * ulysses + ulysses_rank
 
 
-def _check_degrees(ulysses: int, ring: int, batch: int) -> None:
-    for name, value in (("ulysses", ulysses), ("ring", ring), ("batch", batch)):
+def _check_degrees(ulysses: int, ring: int, batch: int, tp: int = 1) -> None:
+    for name, value in (("ulysses", ulysses), ("ring", ring), ("batch", batch), ("tp", tp)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"mesh degree {name}={value!r} must be a positive integer")
 
@@ -86,7 +92,7 @@ def suggest_meshes(world_size: int) -> list[str]:
 
 @dataclass(frozen=True)
 class ParallelMesh:
-    """A ``batch × ring × ulysses`` mesh of named axes over ranks of an initialised ``torch.distributed`` world.
+    """A ``batch × ring × ulysses × tp`` mesh of named axes over ranks of an initialised ``torch.distributed`` world.
 
     Build it with :meth:`build` (a layout of the world's ranks, or of a subset) or
     :meth:`from_device_mesh` (a torch ``DeviceMesh`` you already have); every communicating
@@ -134,6 +140,9 @@ class ParallelMesh:
     ulysses_rank = property(lambda self: self.coordinates["ulysses"])
     ring_rank = property(lambda self: self.coordinates["ring"])
     batch_rank = property(lambda self: self.coordinates["batch"])
+    tp_group = property(lambda self: self.groups["tp"])
+    tp_size = property(lambda self: self.degrees["tp"])
+    tp_rank = property(lambda self: self.coordinates["tp"])
 
     @property
     def ulysses_transport(self) -> dist.ProcessGroup | PeerExchange:
@@ -153,7 +162,7 @@ class ParallelMesh:
     @property
     def world_size(self) -> int:
         """Number of ranks in the mesh (all of the world's, or the subset it was built on)."""
-        return self.sp_size * self.batch_size
+        return self.sp_size * self.batch_size * self.tp_size
 
     @classmethod
     def build(
@@ -162,12 +171,15 @@ class ParallelMesh:
         ulysses: int = 1,
         ring: int = 1,
         batch: int = 1,
+        tp: int = 1,
         ranks: Sequence[int] | None = None,
         device_type: str | None = None,
         peer_exchange: bool = False,
         check_ranks: bool = True,
     ) -> ParallelMesh | None:
-        """Build the mesh over the world's ranks (or over ``ranks``); ``ulysses * ring * batch`` must match their count.
+        """Build the mesh over the world's ranks (or over ``ranks``); ``ulysses * ring * batch * tp`` must match
+        their count. ``tp``: the tensor-parallel degree (the fastest-varying axis: a tensor-parallel group is
+        a run of contiguous ranks), for models made tensor-parallel (``models.parallelize_flux``).
 
         ``ranks``: the world ranks the mesh spans, in increasing order (laid out ulysses fastest),
         for several models or replicas in one job; every rank of the world must call ``build`` alike
@@ -179,7 +191,7 @@ class ParallelMesh:
         ``check_ranks=False`` turns off the rank-agreement check of the mesh's users (saves a few
         microseconds of host time per call; a disagreement then aborts or hangs instead of raising).
         """
-        _check_degrees(ulysses, ring, batch)
+        _check_degrees(ulysses, ring, batch, tp)
         _check_flags(peer_exchange=peer_exchange, check_ranks=check_ranks)
         if not dist.is_initialized():
             raise ValueError(
@@ -188,23 +200,28 @@ class ParallelMesh:
             )
         world = dist.get_world_size()
         members = list(range(world)) if ranks is None else _check_ranks(ranks, world)
-        if ulysses * ring * batch != len(members):
+        if ulysses * ring * batch * tp != len(members):
             where = f"the world size {world}" if ranks is None else f"the {len(members)} ranks {members}"
+            fixed, tp_text = batch * tp, f" × tp={tp}" if tp > 1 else ""
             raise ValueError(
-                f"mesh degrees ulysses={ulysses} × ring={ring} × batch={batch} = {ulysses * ring * batch} "
-                f"do not match {where}; with batch={batch} choose one of: "
+                f"mesh degrees ulysses={ulysses} × ring={ring} × batch={batch}{tp_text} = {ulysses * ring * fixed} "
+                f"do not match {where}; with batch={batch}{tp_text.replace(' ×', ',')} choose one of: "
                 + (
-                    "; ".join(suggest_meshes(len(members) // batch))
-                    if len(members) % batch == 0
-                    else f"(none: batch={batch} does not divide {len(members)})"
+                    "; ".join(suggest_meshes(len(members) // fixed))
+                    if len(members) % fixed == 0
+                    else f"(none: batch={batch}{tp_text} does not divide {len(members)})"
                 )
             )
         device_type = _device_type(device_type)
-        layout = torch.tensor(members).reshape(batch, ring, ulysses)
+        # the torch device mesh has a tp dim only when there is tensor parallelism (as before it existed)
+        names = AXES if tp > 1 else AXES[:3]
+        shape = (batch, ring, ulysses, tp)[: len(names)]
+        layout = torch.tensor(members).reshape(shape)
         if ranks is None:
-            device_mesh = init_device_mesh(device_type, (batch, ring, ulysses), mesh_dim_names=AXES)
+            device_mesh = init_device_mesh(device_type, shape, mesh_dim_names=names)
         else:
-            device_mesh = DeviceMesh(device_type, layout, mesh_dim_names=AXES)
+            device_mesh = DeviceMesh(device_type, layout, mesh_dim_names=names)
+        layout = layout.reshape(batch, ring, ulysses, tp)
         return cls._from_layout(device_mesh, layout, peer_exchange, check_ranks)
 
     @classmethod
@@ -213,9 +230,9 @@ class ParallelMesh:
     ) -> ParallelMesh | None:
         """The mesh of a torch ``DeviceMesh`` you already have (e.g. the one given to diffusers'
         ``ContextParallelConfig(mesh=...)``): its dims named from ``AXES`` (``"batch"``, ``"ring"``,
-        ``"ulysses"``; any subset, in this order; a missing axis has degree 1).
+        ``"ulysses"``, ``"tp"``; any subset, in this order; a missing axis has degree 1).
 
-        The world ranks must increase along the mesh (ulysses fastest, then ring, then batch), as a
+        The world ranks must increase along the mesh (tp fastest, then ulysses, ring, batch), as a
         process group numbers its ranks in world-rank order: a device mesh laid out otherwise is
         refused, naming its layout. Every rank of the world calls it; ranks outside the device mesh get ``None``.
         """
@@ -236,13 +253,14 @@ class ParallelMesh:
     def _from_layout(
         cls, device_mesh: DeviceMesh, layout: torch.Tensor, peer_exchange: bool, check_ranks: bool
     ) -> ParallelMesh | None:
-        """The mesh over ``layout`` (``[batch, ring, ulysses]`` world ranks); every world rank calls it."""
-        batch, ring, ulysses = layout.shape
-        sequences = layout.reshape(batch, ring * ulysses)  # per batch index: the sp ranks in sp_rank order
+        """The mesh over ``layout`` (``[batch, ring, ulysses, tp]`` world ranks); every world rank calls it."""
+        batch, ring, ulysses, tp = layout.shape
+        # per (batch, tp) index: the sp ranks in sp_rank order
+        sequences = layout.permute(0, 3, 1, 2).reshape(batch * tp, ring * ulysses)
         members = layout.flatten().tolist()
         if members != sorted(members):
             raise ValueError(
-                "ParallelMesh: the world ranks must increase along the mesh (ulysses fastest, then ring, then "
+                "ParallelMesh: the world ranks must increase along the mesh (tp fastest, then ulysses, ring, "
                 f"batch), got {layout.tolist()}: a process group numbers its ranks in world-rank order, and "
                 "shard_sequence gives chunk i to group rank i"
             )
@@ -263,7 +281,7 @@ class ParallelMesh:
         ulysses_group = groups["ulysses"]
         return cls(
             device_mesh=device_mesh,
-            degrees=MappingProxyType(dict(zip(AXES, (batch, ring, ulysses), strict=True))),
+            degrees=MappingProxyType(dict(zip(AXES, (batch, ring, ulysses, tp), strict=True))),
             coordinates=MappingProxyType(coordinate),
             groups=MappingProxyType(groups),
             ulysses_exchange=PeerExchange(ulysses_group) if peer_exchange and ulysses > 1 else None,
@@ -271,6 +289,7 @@ class ParallelMesh:
         )
 
     def describe(self) -> str:
-        """A short label such as ``"u2×r2"`` or ``"b2×u2×r1"``."""
+        """A short label such as ``"u2×r2"``, ``"b2×u2×r1"`` or ``"u2×r1×t2"``."""
         label = f"u{self.ulysses_size}×r{self.ring_size}"
-        return label if self.batch_size == 1 else f"b{self.batch_size}×{label}"
+        label = label if self.batch_size == 1 else f"b{self.batch_size}×{label}"
+        return label if self.tp_size == 1 else f"{label}×t{self.tp_size}"

@@ -6,7 +6,7 @@ per-call token layout it reads. ``pipeline.py``: a stock ``FluxPipeline`` on a m
 ``parallelize_flux_displaced``, the opt-in inexact stale-KV mode.
 """
 
-from models.flux.adapter import CfgPair, pair_cfg_calls, parallelize_flux, unparallelize_flux
+from models.flux.adapter import CfgPair, flux_tp_degrees, pair_cfg_calls, parallelize_flux, unparallelize_flux
 from models.flux.displaced import parallelize_flux_displaced, reset_flux_displaced, unparallelize_flux_displaced
 from models.flux.pipeline import (
     ParallelFluxPipeline,
@@ -21,6 +21,7 @@ __all__ = [
     "FluxSequenceParallelProcessor",
     "JointLayout",
     "ParallelFluxPipeline",
+    "flux_tp_degrees",
     "load_flux_pipeline",
     "pair_cfg_calls",
     "parallelize_flux",

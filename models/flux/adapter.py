@@ -23,6 +23,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 from models.flux.processor import FluxSequenceParallelProcessor, JointLayout
+from models.tensor_parallel import TensorParallel, apply_tp, block_plan, check_degree, remove_tp
 from xdit_core.agreement import agreed, input_signature
 from xdit_core.context import CallContext
 from xdit_core.graphs import apply_cuda_graph, remove_cuda_graph
@@ -92,10 +93,48 @@ class _FluxState:
     text: str
     processors: dict[str, Any]  # the originals, restored by unparallelize_flux
     context: CallContext[JointLayout]  # the call's token layout, read by the processors
+    tensor_parallel: TensorParallel | None = None  # the split Linears, when the mesh has a tp axis
 
     @property
     def plan(self) -> Plan:
         return FLUX_PLANS[self.text]
+
+
+# Which Linears tensor parallelism splits (the same as diffusers' FluxTransformer2DModel._tp_plan): the
+# attention projections and MLPs column-wise (each rank its heads, its share of the MLP), their output
+# projections row-wise (partial sums all-reduced). Modulation (AdaLN), QK-norms, embeddings and the
+# output layer stay whole on every rank: modulation indexes the full hidden dim.
+_DOUBLE_TP = {
+    **dict.fromkeys(("attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj"), "colwise"),
+    **dict.fromkeys(("attn.add_v_proj", "ff.net.0.proj", "ff_context.net.0.proj"), "colwise"),
+    **dict.fromkeys(("attn.to_out.0", "attn.to_add_out", "ff.net.2", "ff_context.net.2"), "rowwise"),
+}
+_SINGLE_TP = {
+    **dict.fromkeys(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), "colwise"),
+    "proj_out": "rowwise",  # its input is [attention heads; MLP]: both column-split, so packed
+}
+
+
+def flux_tp_degrees(transformer: FluxTransformer2DModel) -> list[int]:
+    """The tensor-parallel degrees ``transformer`` can be split over: each rank whole heads and an equal share
+    of every MLP."""
+    config = transformer.config
+    heads, dim = config.num_attention_heads, config.num_attention_heads * config.attention_head_dim
+    widths = [block.proj_mlp.out_features for block in transformer.single_transformer_blocks]
+    widths += [block.ff.net[0].proj.out_features for block in transformer.transformer_blocks]
+    return [d for d in range(1, heads + 1) if heads % d == 0 and dim % d == 0 and all(w % d == 0 for w in widths)]
+
+
+def _flux_tp_plan(transformer: FluxTransformer2DModel, tp: int, what: str) -> tuple[dict, dict]:
+    """The plan (path -> style) and the packed Linears (path -> stream widths), checked against the model."""
+    check_degree(tp, flux_tp_degrees(transformer), what, f"FLUX's {transformer.config.num_attention_heads} heads")
+    plan = block_plan(transformer, ("transformer_blocks",), _DOUBLE_TP, what)
+    plan |= block_plan(transformer, ("single_transformer_blocks",), _SINGLE_TP, what)
+    packed = {}
+    for i, block in enumerate(transformer.single_transformer_blocks):
+        mlp = block.mlp_hidden_dim
+        packed[f"single_transformer_blocks.{i}.proj_out"] = (block.proj_out.in_features - mlp, mlp)
+    return plan, packed
 
 
 def parallelize_flux(
@@ -116,10 +155,18 @@ def parallelize_flux(
     run eagerly); it removes the CPU cost of issuing a step, which dominates small images on
     several GPUs. Call the model as before on every rank with the same full inputs; every rank
     gets the full output.
+
+    A mesh with a ``tp`` axis (``ParallelMesh.build(tp=...)``) also splits the weights: the attention
+    projections and MLPs of every block over the ``tp`` ranks with torch's ``parallelize_module``
+    (each rank its share of the heads, whose attention runs on the sequence-parallel axes as usual);
+    the degree must divide the heads and MLP widths (:func:`flux_tp_degrees`).
     """
     processors = _check_flux(transformer, mesh, text, "parallelize_flux")
     context = CallContext("parallel FLUX", JointLayout)
     state = _FluxState(mesh=mesh, text=text, processors=processors, context=context)
+    if mesh.tp_size > 1:
+        plan, packed = _flux_tp_plan(transformer, mesh.tp_size, "parallelize_flux")
+        state.tensor_parallel = apply_tp(transformer, mesh, plan, packed)
     transformer.set_attn_processor(FluxSequenceParallelProcessor(mesh, context, backend=backend))
     install_hook(transformer, BOUNDARY_HOOK, _Boundary(state, inspect.signature(transformer.forward)))
     if cuda_graph:
@@ -156,6 +203,8 @@ def unparallelize_flux(transformer: FluxTransformer2DModel) -> FluxTransformer2D
     remove_hook(transformer, CFG_HOOK)
     remove_cuda_graph(transformer)  # its graphs hold the parallel call
     boundary.release(transformer)
+    if boundary.state.tensor_parallel is not None:
+        remove_tp(transformer, boundary.state.tensor_parallel)
     transformer.set_attn_processor(boundary.state.processors)
     remove_hook(transformer, BOUNDARY_HOOK)
     return transformer

@@ -267,6 +267,8 @@ def parallelize_flux_displaced(
             f"{what}: warmup_steps must be an int of at least 1 (exact steps that fill the stale k/v), got "
             f"{warmup_steps!r}"
         )
+    if mesh.tp_size > 1:
+        raise ValueError(f"{what}: tensor parallelism (mesh {mesh.describe()}) does not combine with this mode")
     if mesh.sp_size < 2:
         raise ValueError(
             f"{what}: mesh {mesh.describe()} has no sequence-parallel ranks to displace patches over (sp size "

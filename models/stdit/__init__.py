@@ -3,7 +3,7 @@ VAE, T5 text conditioning and the end-to-end pipeline (tiny random ones for CPUs
 
 from models.stdit.config import STDiT3Config
 from models.stdit.model import STDiT3
-from models.stdit.parallel import parallelize_stdit, unparallelize_stdit
+from models.stdit.parallel import parallelize_stdit, stdit_tp_degrees, unparallelize_stdit
 from models.stdit.pipeline import (
     OpenSoraOutput,
     OpenSoraPipeline,
@@ -32,6 +32,7 @@ __all__ = [
     "image_size",
     "parallelize_opensora",
     "parallelize_stdit",
+    "stdit_tp_degrees",
     "parse_num_frames",
     "prompt_for_t5",
     "rflow_sample",

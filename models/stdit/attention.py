@@ -46,7 +46,7 @@ class SelfAttention(nn.Module):
 
     def project_qkv(self, x: Tensor, rope: Rope | None) -> tuple[Tensor, Tensor, Tensor]:
         """``x`` ``[B', L, C]`` → q, k, v ``[B', L, H, D]``: projected, q/k normalised, then rotated."""
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(2)
+        q, k, v = self.qkv(x).unflatten(-1, (3, -1, self.head_dim)).unbind(2)  # -1: this rank's heads under TP
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:  # rotate along L: the rotary embedding works on [..., L, D]
             q, k = (rope(t.transpose(1, 2)).transpose(1, 2) for t in (q, k))
@@ -110,8 +110,8 @@ class LocalCrossAttention:
         self.backend = backend
 
     def __call__(self, attn: CrossAttention, x: Tensor, y: Tensor, y_mask: Tensor | None) -> Tensor:
-        q = attn.q_linear(x).unflatten(-1, (attn.num_heads, attn.head_dim))
-        k, v = attn.kv_linear(y).unflatten(-1, (2, attn.num_heads, attn.head_dim)).unbind(2)
+        q = attn.q_linear(x).unflatten(-1, (-1, attn.head_dim))  # -1: this rank's heads under TP
+        k, v = attn.kv_linear(y).unflatten(-1, (2, -1, attn.head_dim)).unbind(2)
         attend = attention_op if torch.compiler.is_compiling() else attention_with_lse  # op: no graph break
         out, _ = attend(q, k, v, key_mask=y_mask, backend=self.backend)
         return attn.proj(out.flatten(2))

@@ -41,6 +41,7 @@ from models.stdit.attention import (
     to_attention_layout,
 )
 from models.stdit.model import STDiT3
+from models.tensor_parallel import TensorParallel, apply_tp, block_plan, check_degree, remove_tp
 from xdit_core.agreement import agreed, input_signature
 from xdit_core.collectives import all_to_all, split_sizes
 from xdit_core.context import CallContext
@@ -155,6 +156,32 @@ class _StditState:
     processors: dict[int, Any]  # the originals, restored by unparallelize_stdit
     context: CallContext[SpatialLayout]  # the call's positions and frames per rank, read by the processors
     placement: CallContext[Placement]  # the call's split, read by the tokens and patches hooks
+    tensor_parallel: TensorParallel | None = None  # the split Linears, when the mesh has a tp axis
+
+
+# Tensor parallelism: each block's attention projections and MLP split over the tp ranks (each rank its
+# heads); the fused qkv and kv Linears are packed (their output is [q; k; v], [k; v]). Modulation tables,
+# norms, embedders and the final layer stay whole on every rank.
+_BLOCK_TP = {
+    "attn.qkv": "colwise", "attn.proj": "rowwise", "cross_attn.q_linear": "colwise",
+    "cross_attn.kv_linear": "colwise", "cross_attn.proj": "rowwise", "mlp.fc1": "colwise", "mlp.fc2": "rowwise",
+}  # fmt: skip
+
+
+def stdit_tp_degrees(model: STDiT3) -> list[int]:
+    """The tensor-parallel degrees ``model`` can be split over: each rank whole heads and an equal MLP share."""
+    heads = model.config.num_heads
+    widths = [block.mlp.fc1.out_features for block in (*model.spatial_blocks, *model.temporal_blocks)]
+    return [d for d in range(1, heads + 1) if heads % d == 0 and all(w % d == 0 for w in widths)]
+
+
+def _stdit_tp_plan(model: STDiT3, tp: int) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+    what = "parallelize_stdit"
+    check_degree(tp, stdit_tp_degrees(model), what, f"STDiT3's {model.config.num_heads} heads")
+    lists = ("spatial_blocks", "temporal_blocks")
+    plan, dim = block_plan(model, lists, _BLOCK_TP, what), model.config.hidden_size
+    packed = {path: (dim,) * (3 if path.endswith("qkv") else 2) for path in plan if path.endswith(("qkv", "kv_linear"))}
+    return plan, packed
 
 
 def parallelize_stdit(model: STDiT3, mesh: ParallelMesh, *, spatial: str = "usp", backend: str = "auto") -> STDiT3:
@@ -170,6 +197,7 @@ def parallelize_stdit(model: STDiT3, mesh: ParallelMesh, *, spatial: str = "usp"
         raise ValueError("parallelize_stdit: this model is already parallel (unparallelize_stdit it first)")
     if not isinstance(mesh, ParallelMesh):
         raise ValueError(f"parallelize_stdit needs a ParallelMesh, got {type(mesh).__name__}")
+    plan = _stdit_tp_plan(model, mesh.tp_size) if mesh.tp_size > 1 else None
     if spatial not in SPATIAL_MODES:
         raise ValueError(f"parallelize_stdit: spatial must be one of {SPATIAL_MODES}, got {spatial!r}")
     spatial_attn = [block.attn for block in model.spatial_blocks]
@@ -179,6 +207,8 @@ def parallelize_stdit(model: STDiT3, mesh: ParallelMesh, *, spatial: str = "usp"
     context = CallContext("parallel STDiT3", SpatialLayout)
     placement = CallContext("parallel STDiT3", Placement)
     state = _StditState(mesh, spatial, {id(a): a.processor for a in spatial_attn}, context, placement)
+    if plan is not None:
+        state.tensor_parallel = apply_tp(model, mesh, *plan)
     if mesh.sp_size > 1:  # on a batch-only mesh every rank holds whole frames: the plain attention stays
         processor = (
             UspSpatialAttention(mesh, context, backend) if spatial == "usp" else DspSpatialAttention(mesh, context)
@@ -198,6 +228,8 @@ def unparallelize_stdit(model: STDiT3) -> STDiT3:
         raise ValueError("unparallelize_stdit: this model is not parallel")
     for block in model.spatial_blocks:
         block.attn.processor = boundary.state.processors[id(block.attn)]
+    if boundary.state.tensor_parallel is not None:
+        remove_tp(model, boundary.state.tensor_parallel)
     remove_hook(model, BOUNDARY_HOOK)
     remove_hook(model, TOKENS_HOOK, method="prepare")
     remove_hook(model, PATCHES_HOOK, method="unpatchify")
