@@ -10,6 +10,7 @@ both stages handle them exactly.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -54,11 +55,24 @@ def usp_attention(
     equal the single-device ones.
     """
     check = mesh.check_ranks if check_ranks is None else check_ranks
-    return usp_on_groups(
-        q, k, v, mesh.sp_group, mesh.ulysses_transport, mesh.ring_group, seq_len=seq_len, kv_seq_len=kv_seq_len,
-        kv_replicated=kv_replicated, key_mask=key_mask, joint=joint, joint_key_mask=joint_key_mask, scale=scale,
-        backend=backend, return_lse=return_lse, check_ranks=check,
+    options = dict(
+        seq_len=seq_len, kv_seq_len=kv_seq_len, kv_replicated=kv_replicated, key_mask=key_mask, joint=joint,
+        joint_key_mask=joint_key_mask, scale=scale, backend=backend, return_lse=return_lse,
     )  # fmt: skip
+    return usp_on_groups(q, k, v, mesh.sp_group, mesh.ulysses_transport, mesh.ring_group, check_ranks=check, **options)
+
+
+_DEFAULTS = dict(
+    seq_len=None,
+    kv_seq_len=None,
+    kv_replicated=False,
+    key_mask=None,
+    joint=None,
+    joint_key_mask=None,
+    scale=None,
+    backend="auto",
+    return_lse=False,
+)  # usp_attention's keyword arguments, as it defaults them
 
 
 def usp_on_groups(
@@ -69,25 +83,21 @@ def usp_on_groups(
     ulysses: Group,
     ring_group: dist.ProcessGroup,
     *,
-    seq_len: int | Sequence[int] | None,
-    kv_seq_len: int | Sequence[int] | None = None,
-    kv_replicated: bool = False,
-    key_mask: Tensor | None = None,
-    joint: tuple[Tensor, Tensor, Tensor] | None = None,
-    joint_key_mask: Tensor | None = None,
-    scale: float | None = None,
-    backend: str = "auto",
-    return_lse: bool = False,
     check_ranks: bool,
+    **options: Any,
 ) -> Tensor | tuple[Tensor, ...]:
     """:func:`usp_attention` on a mesh's three groups: ``sp_group`` (the sequence's ranks, ring-major),
-    the ulysses transport (a group or its ``PeerExchange``) and the ring group of this rank."""
+    the ulysses transport (a group or its ``PeerExchange``) and the ring group of this rank; ``options``:
+    :func:`usp_attention`'s keyword arguments (``seq_len``, ``joint``, ``return_lse``, ...)."""
     u, ring_size, ring_rank = process_group_of(ulysses).size(), ring_group.size(), ring_group.rank()
+    unknown = sorted(set(options) - set(_DEFAULTS))
+    if unknown:
+        raise TypeError(f"usp_on_groups: unknown options {unknown}")
+    options = {**_DEFAULTS, **options}
+    return_lse = options["return_lse"]
     call = check_sequence_call(
-        q, k, v, group=sp_group, group_rank=sp_group.rank(), seq_len=seq_len, kv_seq_len=kv_seq_len,
-        kv_replicated=kv_replicated, key_mask=key_mask, joint=joint, joint_key_mask=joint_key_mask, scale=scale,
-        backend=backend, return_lse=return_lse, check_ranks=check_ranks, what="usp_attention",
-        extra_names=("mesh (ulysses, ring)",), extra_values=((u, ring_size),),
+        q, k, v, group=sp_group, group_rank=sp_group.rank(), check_ranks=check_ranks, what="usp_attention",
+        extra_names=("mesh (ulysses, ring)",), extra_values=((u, ring_size),), **options,
     )  # fmt: skip
 
     def per_ring_rank(lengths: list[int]) -> list[int]:
