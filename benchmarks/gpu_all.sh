@@ -10,6 +10,8 @@
 #   bash benchmarks/gpu_all.sh opensora   # Open-Sora VAE decode and end to end (360p, 720p 4 s) on 1 and 4
 #   bash benchmarks/gpu_all.sh modes      # exact / displaced / no-communication bound / FSDP2-sharded, 1024² and
 #                                         #   2048², on all GPUs (MODE_WORLDS=2 in a second call: on 2)
+#   bash benchmarks/gpu_all.sh pipeline   # the FLUX.1-dev pipeline end to end (text, 28 steps, decode: each stage's
+#                                         #   time) on 1 and 4 GPUs, against steps × one step + 0.35 s
 #   bash benchmarks/gpu_all.sh caching    # every cache policy under sequence parallelism on 4 GPUs
 #   bash benchmarks/gpu_all.sh check      # the regression baselines (one GPU)
 #   bash benchmarks/gpu_all.sh tp         # FLUX runs at tp 2 and tp N (Ulysses over the rest) beside the modes part's
@@ -18,7 +20,7 @@
 # STDiT3 under TP (parallelize_stdit supports it; no benchmark drives it yet). Wheels: ../shared/gpu/fetch_wheels.sh fa3 accelerate
 # psutil pyyaml torchmetrics lightning-utilities (into .whl/, carried).
 set -u
-part="${1:?usage: bash benchmarks/gpu_all.sh trust|flux|vae|stdit|opensora|modes|tp|caching|check}"
+part="${1:?usage: bash benchmarks/gpu_all.sh trust|flux|vae|stdit|opensora|modes|tp|pipeline|caching|check}"
 . benchmarks/gpu_env.sh
 ROOT_OUT="$OUT"
 export OUT="$ROOT_OUT/$part"
@@ -50,6 +52,12 @@ case "$part" in
         timeout 280 torchrun --nproc_per_node "$N" benchmarks/modes_bench.py --tp "$tp" --modes exact --size "$size" \
           --steps 28 --out "$OUT/tp${tp}_${size}" 2>&1 | grep -v "^W1"
       done
+    done 2>&1 | tee "$OUT/log.txt" ;;
+  pipeline)
+    for n in 1 "$N"; do
+      echo "== the FLUX.1-dev pipeline end to end, 1024², 28 steps, $n GPU(s), CUDA graphs"
+      timeout 280 torchrun --nproc_per_node "$n" benchmarks/pipeline_bench.py --cuda-graph --out "$OUT/w$n" 2>&1 \
+        | grep -v "^W1"
     done 2>&1 | tee "$OUT/log.txt" ;;
   caching)
     timeout 560 torchrun --nproc_per_node "$N" benchmarks/caching_bench.py --out "$OUT" 2>&1 | grep -v "^W1" \
