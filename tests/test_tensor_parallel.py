@@ -5,6 +5,7 @@ Tiny FLUX and tiny STDiT3 with 4 heads, float32, gloo: tp2, tp2×u2, tp2×r2, tp
 within 1e-5 (odd token counts; FLUX: two text lengths, both text modes; STDiT3: USP and DSP); backward at tp2×u2
 for FLUX (the input's and the weights' gradients); each rank holds exactly its share of the split Linears'
 parameters; unparallelizing restores the plain model bit for bit; whole FLUX blocks compile (``fullgraph=True``);
+a step cache decides as on the plain model;
 bad degrees and combinations are refused before any collective.
 """
 
@@ -26,6 +27,7 @@ from models import (
     unparallelize_flux,
     unparallelize_stdit,
 )
+from models.caching import DBCacheConfig, cache_summary, enable_cache
 from models.flux import flux_tp_degrees
 from models.sharding import shard_weights
 from models.stdit import STDiT3, stdit_tp_degrees
@@ -150,6 +152,38 @@ def _compiled() -> str:
     return "compiled tp2"
 
 
+def _cached() -> str:
+    """tp2 with a step cache: the same decisions and, within 1e-5, the same samples as the cached plain model."""
+    mesh = ParallelMesh.build(tp=2)
+    inputs = flux_inputs(1, 5, 3, 7, seed=8)
+
+    def sample(m: torch.nn.Module) -> torch.Tensor:
+        x, ts = inputs["hidden_states"], torch.linspace(1.0, 0.0, 7)
+        with torch.no_grad():
+            for i in range(6):
+                x = x + (ts[i + 1] - ts[i]) * m(**{**inputs, "hidden_states": x, "timestep": ts[i].expand(1)}).sample
+        return x
+
+    def cached(m: torch.nn.Module, threshold: float) -> tuple[torch.Tensor, list]:
+        config = DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=1, max_warmup_steps=1)
+        enable_cache(m, dataclasses.replace(config, residual_diff_threshold=threshold))
+        out, summary = sample(m), cache_summary(m)
+        steps = [r for branch in summary["branches"].values() for r in branch]
+        return out, steps
+
+    for threshold in (0.05, 0.1, 0.2, 0.3, 0.5):  # one that both reuses and computes, far from every measurement
+        want, steps = cached(model(), threshold)
+        margin = min((abs(r["diff"] - threshold) / threshold for r in steps if r["diff"] is not None), default=1.0)
+        if any(not r["computed"] for r in steps) and any(r["computed"] for r in steps[1:]) and margin > 1e-3:
+            break
+    else:
+        raise AssertionError("no threshold both reuses and computes")
+    got, tp_steps = cached(parallelize_flux(model(), mesh), threshold)
+    assert [r["computed"] for r in tp_steps] == [r["computed"] for r in steps], "the cache decided differently"
+    assert excess(got, want, atol=1e-5, rtol=1e-5) <= 0, "cached tensor-parallel sample differs"
+    return "cached tp2"
+
+
 def _errors() -> list[str]:
     mesh = ParallelMesh.build(tp=2)
     odd = tiny_flux_transformer(0)  # 3 heads: tp 2 does not divide them
@@ -181,6 +215,7 @@ def _worker(world: int) -> dict:
     else:
         report["errors"] = _errors()
         report["compiled"] = _compiled()
+        report["cached"] = _cached()
     return report
 
 
