@@ -180,7 +180,7 @@ def _plan_worker() -> dict:
         except ValueError as e:
             errors.append(str(e))
     try:
-        split(Plan("test", (Split("a", 0, "tp"),), ()), mesh.groups, {"a": torch.zeros(4)})
+        split(Plan("test", (Split("a", 0, "pipeline"),), ()), mesh.groups, {"a": torch.zeros(4)})
     except ValueError as e:
         errors.append(str(e))
     try:
@@ -197,7 +197,7 @@ def test_split_gather_round_trip() -> None:
     assert all(r == reports[0] for r in reports)
     assert reports[0]["examples"] >= EXAMPLES // 2
     text = "\n".join(reports[0]["errors"])
-    for needle in ("differ in length", "must be a tensor", "axis 'tp'", "inference only"):
+    for needle in ("differ in length", "must be a tensor", "axis 'pipeline'", "inference only"):
         assert needle in text, text
 
 
