@@ -7,9 +7,10 @@ implementation gives the output shapes (those of the inputs), and an autograd fo
 differentiable. So ``torch.compile(block, fullgraph=True)`` compiles a whole parallel transformer block.
 
 * :func:`usp_attention_op` is :func:`~attention.usp.usp_attention` (``seq_len``, ``joint`` and ``backend``)
-  through the op. The model processors call it while ``torch.compile`` traces them and call
-  ``usp_attention`` directly when they run eagerly (the op's dispatch costs host time and changes
-  nothing else: both run :func:`~attention.usp.usp_on_groups`).
+  through the op. The model processors call :func:`usp_attention_compilable` (and
+  :func:`attention_compilable`), which takes the op while ``torch.compile`` traces them and the function
+  directly when they run eagerly (the op's dispatch costs host time and changes nothing else: both run
+  :func:`~attention.usp.usp_on_groups`).
 * The mesh travels as its three groups' names (``ProcessGroup.group_name``, resolved back by torch's
   registry, as torch's functional collectives do): sp, ulysses, ring. A ``PeerExchange`` cannot
   travel by name, so a mesh built with ``peer_exchange=True`` is refused here (the processors keep its
@@ -23,12 +24,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch.distributed.distributed_c10d import _resolve_process_group
 
 from attention.local import attention_with_lse
-from attention.usp import usp_on_groups
+from attention.usp import usp_attention, usp_on_groups
 from xdit_core.mesh import ParallelMesh
 
 Tensor = torch.Tensor
@@ -231,3 +233,38 @@ def attention_op(
     """:func:`~attention.local.attention_with_lse` through the custom op ``xdit::attention`` (one node in a
     ``torch.compile`` graph: its kernel choice and key-mask bookkeeping run on the host, untraced)."""
     return _attention(q, k, v, key_mask, scale, backend)
+
+
+# ---------------------------------------------------------------- what the model processors call
+def usp_attention_compilable(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mesh: ParallelMesh,
+    *,
+    seq_len: Sequence[int],
+    joint: tuple[Tensor, Tensor, Tensor] | None = None,
+    backend: str = "auto",
+) -> Tensor | tuple[Tensor, Tensor]:
+    """:func:`~attention.usp.usp_attention` wherever a processor runs: through the custom op while
+    ``torch.compile`` traces (one node, no graph break), the function itself when eager (the same
+    computation without the dispatcher's host time), and eager, outside the graph, on a mesh built with
+    ``peer_exchange=True`` (a ``PeerExchange`` cannot be passed to an op: one graph break there)."""
+    if torch.compiler.is_compiling() and mesh.ulysses_exchange is None:
+        return usp_attention_op(q, k, v, mesh, seq_len=seq_len, joint=joint, backend=backend)
+    return _usp_eager(q, k, v, mesh, seq_len=seq_len, joint=joint, backend=backend)
+
+
+@torch.compiler.disable
+def _usp_eager(q: Tensor, k: Tensor, v: Tensor, mesh: ParallelMesh, **options: Any) -> Tensor | tuple[Tensor, ...]:
+    return usp_attention(q, k, v, mesh, **options)
+
+
+def attention_compilable(
+    q: Tensor, k: Tensor, v: Tensor, *, key_mask: Tensor | None = None, scale: float | None = None,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """:func:`~attention.local.attention_with_lse` wherever a processor runs: through the custom op while
+    ``torch.compile`` traces, the function itself when eager."""
+    attend = attention_op if torch.compiler.is_compiling() else attention_with_lse
+    return attend(q, k, v, key_mask=key_mask, scale=scale, backend=backend)

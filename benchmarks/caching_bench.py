@@ -73,6 +73,18 @@ def configurations(steps: int) -> dict[str, DBCacheConfig | None]:
     }
 
 
+def flux_run(tiny: bool, size: int, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """The transformer and one step's inputs at ``size``²: FLUX.1-dev's (random bf16 weights, 512 text tokens), or
+    with ``tiny`` the tests' tiny FLUX (float32, 40 text tokens) for a CPU smoke run."""
+    if tiny:
+        from models.testing import TINY_FLUX_CONFIG
+
+        config, dtype, text = TINY_FLUX_CONFIG, torch.float32, 40
+    else:
+        config, dtype, text = FLUX_DEV, torch.bfloat16, 512
+    return build_flux(config, device, dtype), flux_inputs(config, size, text, device, dtype)
+
+
 def sample(model: torch.nn.Module, inputs: dict, steps: int) -> torch.Tensor:
     """Euler from t = 1 to 0 on the packed latents; one transformer call per step."""
     x = inputs["hidden_states"].clone()
@@ -108,14 +120,7 @@ def main() -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         device = init_distributed().device
         mesh = ParallelMesh.build(ulysses=dist.get_world_size() // args.ring, ring=args.ring)
-    if args.tiny:
-        from models.testing import TINY_FLUX_CONFIG
-
-        config, dtype, text = TINY_FLUX_CONFIG, torch.float32, 40
-    else:
-        config, dtype, text = FLUX_DEV, torch.bfloat16, 512
-    model = build_flux(config, device, dtype)
-    inputs = flux_inputs(config, args.size, text, device, dtype)
+    model, inputs = flux_run(args.tiny, args.size, device)
     if mesh is not None:
         parallelize_flux(model, mesh)
     say = print if mesh is None or dist.get_rank() == 0 else (lambda *a, **k: None)

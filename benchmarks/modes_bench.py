@@ -33,8 +33,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from caching_bench import sample, timed  # beside this script (its folder is on sys.path)
-from flux_model import FLUX_DEV, build_flux, flux_inputs
+from caching_bench import flux_run, sample, timed  # beside this script (its folder is on sys.path)
 
 from attention import attention_with_lse
 from models import parallelize_flux, parallelize_flux_displaced, unparallelize_flux, unparallelize_flux_displaced
@@ -91,14 +90,7 @@ def main() -> None:
     modes = [m for m in args.modes if not (args.tp > 1 and m in ("displaced", "sharded"))]
     if modes != args.modes:
         print("modes_bench: with --tp, the displaced and sharded modes do not apply (refused by the library)")
-    if args.tiny:
-        from models.testing import TINY_FLUX_CONFIG
-
-        config, dtype, text = TINY_FLUX_CONFIG, torch.float32, 40
-    else:
-        config, dtype, text = FLUX_DEV, torch.bfloat16, 512
-    model = build_flux(config, device, dtype)
-    inputs = flux_inputs(config, args.size, text, device, dtype)
+    model, inputs = flux_run(args.tiny, args.size, device)
     say = print if ctx.rank == 0 else (lambda *a, **k: None)
     rows, exact = [], None
     # sharding is one-way: it runs last, whatever the order asked

@@ -130,6 +130,11 @@ def block_plan(model: nn.Module, lists: tuple[str, ...], per_block: dict[str, st
     return plan
 
 
+def degrees_for(heads: int, widths: list[int]) -> list[int]:
+    """The tensor-parallel degrees that give each rank whole heads and an equal share of every MLP width."""
+    return [d for d in range(1, heads + 1) if heads % d == 0 and all(w % d == 0 for w in widths)]
+
+
 def check_degree(tp: int, degrees: list[int], what: str, model: str) -> None:
     """A ``ValueError`` naming the valid degrees when ``tp`` is not one of them."""
     if tp not in degrees:

@@ -23,7 +23,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 from models.flux.processor import FluxSequenceParallelProcessor, JointLayout
-from models.tensor_parallel import TensorParallel, apply_tp, block_plan, check_degree, remove_tp
+from models.tensor_parallel import TensorParallel, apply_tp, block_plan, check_degree, degrees_for, remove_tp
 from xdit_core.agreement import agreed, input_signature
 from xdit_core.context import CallContext
 from xdit_core.graphs import apply_cuda_graph, remove_cuda_graph
@@ -118,11 +118,9 @@ _SINGLE_TP = {
 def flux_tp_degrees(transformer: FluxTransformer2DModel) -> list[int]:
     """The tensor-parallel degrees ``transformer`` can be split over: each rank whole heads and an equal share
     of every MLP."""
-    config = transformer.config
-    heads, dim = config.num_attention_heads, config.num_attention_heads * config.attention_head_dim
     widths = [block.proj_mlp.out_features for block in transformer.single_transformer_blocks]
     widths += [block.ff.net[0].proj.out_features for block in transformer.transformer_blocks]
-    return [d for d in range(1, heads + 1) if heads % d == 0 and dim % d == 0 and all(w % d == 0 for w in widths)]
+    return degrees_for(transformer.config.num_attention_heads, widths)  # whole heads: the hidden dim divides too
 
 
 def _flux_tp_plan(transformer: FluxTransformer2DModel, tp: int, what: str) -> tuple[dict, dict]:

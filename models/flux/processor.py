@@ -12,15 +12,13 @@ constants of the compiled graph, like its shapes (a new image size recompiles).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
-from attention.op import usp_attention_op
-from attention.usp import usp_attention
+from attention.op import usp_attention_compilable
 from xdit_core.context import CallContext
 from xdit_core.mesh import ParallelMesh
 
@@ -50,13 +48,10 @@ class JointLayout:
 
 
 def _parallel_attention(
-    q: Tensor, k: Tensor, v: Tensor, mesh: ParallelMesh, layout: JointLayout, backend: str, usp: Callable[..., Any]
+    q: Tensor, k: Tensor, v: Tensor, mesh: ParallelMesh, layout: JointLayout, backend: str
 ) -> Tensor:
-    """Attention over the joint sequence spread as the call's layout says; q, k, v ``[B, T + I_local, H, D]``.
-
-    ``usp``: :func:`~attention.usp.usp_attention` (eager) or :func:`~attention.op.usp_attention_op` (traced
-    by torch.compile: one op in the graph).
-    """
+    """Attention over the joint sequence spread as the call's layout says; q, k, v ``[B, T + I_local, H, D]``
+    (one op in a ``torch.compile`` graph: :func:`~attention.op.usp_attention_compilable`)."""
     rank = mesh.sp_rank
     text_len = layout.text_lens[rank]
     if q.shape[1] != text_len + layout.image_lens[rank]:
@@ -65,18 +60,12 @@ def _parallel_attention(
             f"{text_len} text + {layout.image_lens[rank]} image"
         )
     if not layout.replicated_text:
-        return usp(q, k, v, mesh, seq_len=layout.local_lens, backend=backend)
+        return usp_attention_compilable(q, k, v, mesh, seq_len=layout.local_lens, backend=backend)
     split = (text_len, q.shape[1] - text_len)
     (qt, qi), (kt, ki), (vt, vi) = (x.split(split, dim=1) for x in (q, k, v))
     image_lens = list(layout.image_lens)
-    out, text_out = usp(qi, ki, vi, mesh, seq_len=image_lens, joint=(qt, kt, vt), backend=backend)
+    out, text_out = usp_attention_compilable(qi, ki, vi, mesh, seq_len=image_lens, joint=(qt, kt, vt), backend=backend)
     return torch.cat((text_out, out), dim=1)
-
-
-@torch.compiler.disable
-def _eager_attention(q: Tensor, k: Tensor, v: Tensor, mesh: ParallelMesh, layout: JointLayout, backend: str) -> Tensor:
-    """:func:`_parallel_attention` outside torch.compile's graphs (a PeerExchange mesh under compile)."""
-    return _parallel_attention(q, k, v, mesh, layout, backend, usp_attention)
 
 
 class FluxSequenceParallelProcessor:
@@ -94,13 +83,8 @@ class FluxSequenceParallelProcessor:
         self.backend = backend
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """The attention of this rank's tokens ``[B, T + I_local, H, D]`` (q, k, v after RoPE): exact, over the mesh.
-
-        Traced by torch.compile, through the custom op (no graph break), except on a PeerExchange mesh."""
-        layout = self.context.layout
-        if torch.compiler.is_compiling() and self.mesh.ulysses_exchange is None:
-            return _parallel_attention(q, k, v, self.mesh, layout, self.backend, usp_attention_op)
-        return _eager_attention(q, k, v, self.mesh, layout, self.backend)
+        """The attention of this rank's tokens ``[B, T + I_local, H, D]`` (q, k, v after RoPE): exact, over the mesh."""
+        return _parallel_attention(q, k, v, self.mesh, self.context.layout, self.backend)
 
     def __call__(
         self,

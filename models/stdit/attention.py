@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from attention import attention_with_lse
-from attention.op import attention_op
+from attention.op import attention_compilable
 from models.stdit.layers import RMSNorm
 
 Tensor = torch.Tensor
@@ -112,6 +111,5 @@ class LocalCrossAttention:
     def __call__(self, attn: CrossAttention, x: Tensor, y: Tensor, y_mask: Tensor | None) -> Tensor:
         q = attn.q_linear(x).unflatten(-1, (-1, attn.head_dim))  # -1: this rank's heads under TP
         k, v = attn.kv_linear(y).unflatten(-1, (2, -1, attn.head_dim)).unbind(2)
-        attend = attention_op if torch.compiler.is_compiling() else attention_with_lse  # op: no graph break
-        out, _ = attend(q, k, v, key_mask=y_mask, backend=self.backend)
+        out, _ = attention_compilable(q, k, v, key_mask=y_mask, backend=self.backend)  # no graph break
         return attn.proj(out.flatten(2))

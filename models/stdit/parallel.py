@@ -31,8 +31,7 @@ from typing import Any
 
 import torch
 
-from attention.op import usp_attention_op
-from attention.usp import usp_attention
+from attention.op import usp_attention_compilable
 from models.stdit.attention import (
     Rope,
     SelfAttention,
@@ -41,7 +40,7 @@ from models.stdit.attention import (
     to_attention_layout,
 )
 from models.stdit.model import STDiT3
-from models.tensor_parallel import TensorParallel, apply_tp, block_plan, check_degree, remove_tp
+from models.tensor_parallel import TensorParallel, apply_tp, block_plan, check_degree, degrees_for, remove_tp
 from xdit_core.agreement import agreed, input_signature
 from xdit_core.collectives import all_to_all, split_sizes
 from xdit_core.context import CallContext
@@ -79,12 +78,6 @@ class SpatialLayout:
     samples: tuple[int, ...]
 
 
-@torch.compiler.disable
-def _eager_usp(q: Tensor, k: Tensor, v: Tensor, mesh: ParallelMesh, positions: list[int], backend: str) -> Tensor:
-    """USP outside torch.compile's graphs (eager calls; a PeerExchange mesh under compile)."""
-    return usp_attention(q, k, v, mesh, seq_len=positions, backend=backend)
-
-
 class UspSpatialAttention:
     """Spatial attention over the positions of each frame, sharded by position: USP over the mesh."""
 
@@ -95,10 +88,7 @@ class UspSpatialAttention:
         seq = to_attention_layout(x, frames, "spatial")  # [(B T), S_local, C]
         q, k, v = attn.project_qkv(seq, rope)
         positions = list(self.context.layout.positions)
-        if torch.compiler.is_compiling() and self.mesh.ulysses_exchange is None:  # one op in the graph
-            out = usp_attention_op(q, k, v, self.mesh, seq_len=positions, backend=self.backend)
-        else:
-            out = _eager_usp(q, k, v, self.mesh, positions, self.backend)
+        out = usp_attention_compilable(q, k, v, self.mesh, seq_len=positions, backend=self.backend)
         return attn.proj(from_attention_layout(out.flatten(2), x.shape[0], "spatial"))
 
 
@@ -170,9 +160,8 @@ _BLOCK_TP = {
 
 def stdit_tp_degrees(model: STDiT3) -> list[int]:
     """The tensor-parallel degrees ``model`` can be split over: each rank whole heads and an equal MLP share."""
-    heads = model.config.num_heads
     widths = [block.mlp.fc1.out_features for block in (*model.spatial_blocks, *model.temporal_blocks)]
-    return [d for d in range(1, heads + 1) if heads % d == 0 and all(w % d == 0 for w in widths)]
+    return degrees_for(model.config.num_heads, widths)
 
 
 def _stdit_tp_plan(model: STDiT3, tp: int) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
