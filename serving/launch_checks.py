@@ -1,9 +1,7 @@
-"""What the example scripts share: argument checks that run before any process group or model load,
+"""What the command line's jobs share: argument checks that run before any process group or model load,
 and the process group itself (torchrun's, or one process of its own without a launcher).
 
-The checks raise a one-line ``ValueError``; the scripts turn it into argparse's error (exit code 2).
-The scripts import this file as a sibling module (``python examples/<script>.py`` puts ``examples/``
-first on ``sys.path``; so does ``torchrun``).
+The checks raise a one-line ``ValueError``; the jobs turn it into argparse's error (exit code 2).
 """
 
 from __future__ import annotations
@@ -17,6 +15,7 @@ import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -90,32 +89,50 @@ def launch_rank() -> int:
     return int(text)
 
 
-def mesh_degrees(world: int, ulysses: int | None, ring: int, batch: int) -> int:
-    """The ulysses degree: ``ulysses``, or ``world / (ring × batch)`` when ``None``; a ``ValueError``
+def add_mesh_arguments(p: argparse.ArgumentParser, *, batch_help: str, batch_default: int | None = 1) -> None:
+    """The mesh's degrees in the field's spelling (``--ulysses-degree``, ``--ring-degree``, ``--cfg-parallel``,
+    ``--tp-degree``; the short ``--ulysses``, ``--ring``, ``--batch`` too); :func:`mesh_degrees` checks them."""
+    p.add_argument(
+        "--ulysses-degree", "--ulysses", dest="ulysses", type=positive_int, default=None,
+        help="ulysses degree (default: all ranks / (ring × batch × tp))",
+    )  # fmt: skip
+    p.add_argument("--ring-degree", "--ring", dest="ring", type=positive_int, default=1, help="ring degree")
+    p.add_argument("--batch", type=positive_int, default=batch_default, help=batch_help)
+    p.add_argument("--cfg-parallel", dest="batch", action="store_const", const=2, help="the same as --batch 2")
+    p.add_argument("--tp-degree", dest="tp", type=positive_int, default=1, help="tensor-parallel degree")
+
+
+def mesh_degrees(world: int, ulysses: int | None, ring: int, batch: int, tp: int = 1) -> int:
+    """The ulysses degree: ``ulysses``, or ``world / (ring × batch × tp)`` when ``None``; a ``ValueError``
     names the product that does not match ``world``."""
+    fixed = f"--ring {ring} × --batch {batch}" + (f" × --tp-degree {tp}" if tp > 1 else "")
     if ulysses is None:
-        if world % (ring * batch):
+        if world % (ring * batch * tp):
             raise ValueError(
-                f"--ring {ring} × --batch {batch} = {ring * batch} does not divide the world size {world}; "
+                f"{fixed} = {ring * batch * tp} does not divide the world size {world}; "
                 f"choose degrees whose product divides {world} (the ulysses degree takes the rest)"
             )
-        return world // (ring * batch)
-    if ulysses * ring * batch != world:
+        return world // (ring * batch * tp)
+    if ulysses * ring * batch * tp != world:
         raise ValueError(
-            f"--ulysses {ulysses} × --ring {ring} × --batch {batch} = {ulysses * ring * batch} does not match "
+            f"--ulysses {ulysses} × {fixed} = {ulysses * ring * batch * tp} does not match "
             f"the world size {world}; choose degrees whose product is {world}"
         )
     return ulysses
 
 
 @contextmanager
-def process_group() -> Iterator[DistributedContext]:
+def process_group(timeout_s: float = 600.0) -> Iterator[DistributedContext]:
     """The default process group for the body: torchrun's (``init_distributed``), or, in a process started
     without a launcher, a group of one (NCCL on the first GPU, gloo on the CPU) whose rendezvous is a file
-    in a temporary folder. On a normal exit the ranks meet at a barrier, then the group is destroyed."""
-    folder = None if launched() else tempfile.TemporaryDirectory(prefix="xdit_example_")
+    in a temporary folder. ``timeout_s`` bounds every collective's wait for a peer. On a normal exit the
+    ranks meet at a barrier, then the group is destroyed."""
+    folder = None if launched() else tempfile.TemporaryDirectory(prefix="xdit_")
     try:
-        yield init_distributed() if folder is None else _one_process(Path(folder.name) / "rendezvous")
+        if folder is None:
+            yield init_distributed(timeout_s=timeout_s)
+        else:
+            yield _one_process(Path(folder.name) / "rendezvous", timeout_s)
         dist.barrier()  # no rank tears the group down while another still uses it
         dist.destroy_process_group()
     finally:
@@ -123,15 +140,16 @@ def process_group() -> Iterator[DistributedContext]:
             folder.cleanup()
 
 
-def _one_process(init_file: Path) -> DistributedContext:
+def _one_process(init_file: Path, timeout_s: float) -> DistributedContext:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     kwargs: dict[str, Any] = {"device_id": device} if cuda else {}
     dist.init_process_group(
-        "nccl" if cuda else "gloo", init_method=f"file://{init_file}", rank=0, world_size=1, **kwargs
-    )
+        "nccl" if cuda else "gloo", init_method=f"file://{init_file}", rank=0, world_size=1,
+        timeout=timedelta(seconds=timeout_s), **kwargs,
+    )  # fmt: skip
     return DistributedContext(rank=0, world_size=1, local_rank=0, device=device)
 
 
@@ -176,7 +194,7 @@ def local_folder(path: str, option: str) -> Path:
         raise ValueError(f"{option} {path} is not a folder")
     if _HUB_ID.fullmatch(path):
         raise ValueError(
-            f"{option} {path}: no such local folder (the examples never download; a hub id must be fetched first): "
+            f"{option} {path}: no such local folder (nothing here downloads; a hub id must be fetched first): "
             f"`hf download {path} --local-dir <folder>`, then pass {option} <folder>"
         )
     raise ValueError(f"{option} {path}: folder not found")

@@ -1,0 +1,1 @@
+"""Serving: the HTTP server, its benchmark and the ``xdit`` command line."""
