@@ -12,8 +12,6 @@ import argparse
 import logging
 import signal
 import sys
-import tempfile
-import threading
 from datetime import timedelta
 from pathlib import Path
 
@@ -79,15 +77,17 @@ def parse_serve_args(argv: list[str], model: str) -> argparse.Namespace:
     p.add_argument("--port", type=_port, default=30000)
     p.add_argument("--max-batch-size", type=positive_int, default=None,
                    help="most images run as one batch (default 4; videos run one at a time)")  # fmt: skip
-    p.add_argument("--max-wait-ms", type=_non_negative, default=50.0,
+    p.add_argument("--max-wait-ms", type=_non_negative, default=10.0,
                    help="how long the oldest request waits for company before its batch starts")  # fmt: skip
     p.add_argument("--max-queue", type=positive_int, default=64, help="queued requests beyond this get a 429")
     p.add_argument("--collective-timeout", type=_non_negative, default=600.0,
                    help="seconds a rank waits for another in any collective before the server stops")  # fmt: skip
     p.add_argument("--output-dir", default=None, help="where url images and MP4s are kept (default: a temp folder)")
     p.add_argument("--max-stored", type=positive_int, default=1000, help="images and videos kept; oldest go first")
-    p.add_argument("--fault-injection", default=None, metavar="RANK:STAGE:TEXT",
-                   help="tests: fail on RANK at prepare|denoise for prompts containing TEXT")  # fmt: skip
+    p.add_argument("--png-level", type=int, choices=range(10), default=1, metavar="0..9",
+                   help="zlib level of PNG answers (default 1; 0 stores: fastest, largest)")  # fmt: skip
+    p.add_argument("--fault-injection", action="append", default=[], metavar="RANK:STAGE:TEXT",
+                   help="tests: fail on RANK at prepare|denoise for prompts containing TEXT (repeatable)")  # fmt: skip
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     args = p.parse_args(argv)
     args.model = model
@@ -121,9 +121,10 @@ def _check_serve(args: argparse.Namespace) -> None:
             raise ValueError("--max-batch-size: Open-Sora's sampler draws one noise tensor per call; videos run alone")
         args.max_batch_size = 1
     args.ulysses = mesh_degrees(world, args.ulysses, args.ring, args.batch, args.tp)
-    args.fault = Fault.parse(args.fault_injection) if args.fault_injection else None
-    if args.fault is not None and args.fault.rank >= world:
-        raise ValueError(f"--fault-injection rank {args.fault.rank} is not below the world size {world}")
+    args.faults = tuple(Fault.parse(spec) for spec in args.fault_injection)
+    for fault in args.faults:
+        if fault.rank >= world:
+            raise ValueError(f"--fault-injection rank {fault.rank} is not below the world size {world}")
     if args.output_dir is not None:
         out = Path(args.output_dir)
         if out.exists() and not out.is_dir():
@@ -157,7 +158,7 @@ def serve(args: argparse.Namespace) -> None:
         if ctx.rank != 0:
             _ignore_signals(ctx.rank)
             try:
-                Engine(served, control, fault=args.fault).follow()
+                Engine(served, control, faults=args.faults).follow()
             except EngineStopped:
                 raise SystemExit(1) from None
             log.info("rank %d: stopped cleanly", ctx.rank)
@@ -166,44 +167,20 @@ def serve(args: argparse.Namespace) -> None:
 
 
 def _lead(args: argparse.Namespace, served: object, control: object) -> None:
-    import uvicorn
+    from serving.service import Service
 
-    from serving.engine import Engine, EngineStopped
-    from serving.scheduler import Scheduler
-    from serving.server import ServerState, create_app
-
-    scheduler = Scheduler(max_batch_images=args.max_batch_size, max_wait_s=args.max_wait_ms / 1e3,
-                          max_queue=args.max_queue)  # fmt: skip
-    temp = tempfile.TemporaryDirectory(prefix="xdit_serve_") if args.output_dir is None else None
-    output = Path(temp.name if temp is not None else args.output_dir)
-    state = ServerState(served.limits, scheduler, output, max_stored=args.max_stored)
-    config = uvicorn.Config(create_app(state), host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=30)  # fmt: skip
-    http = uvicorn.Server(config)  # in a thread: it installs no signal handlers; ours drain the queue
-    thread = threading.Thread(target=http.run, name="xdit-http", daemon=True)
+    service = Service(
+        served, control, host=args.host, port=args.port, max_batch_images=args.max_batch_size,
+        max_wait_s=args.max_wait_ms / 1e3, max_queue=args.max_queue, output_dir=args.output_dir,
+        max_stored=args.max_stored, faults=args.faults, log_level=args.log_level, png_level=args.png_level,
+    )  # fmt: skip
 
     def drain(signum: int, frame: object) -> None:
-        if state.stopping is None:
-            log.info("rank 0: %s: draining %d queued request(s), then stopping", signal.Signals(signum).name,
-                     len(scheduler))  # fmt: skip
-            state.stopping = "draining"
-            threading.Thread(target=scheduler.close, name="xdit-drain").start()  # not inside the engine's lock
+        service.drain(signal.Signals(signum).name)
 
     signal.signal(signal.SIGTERM, drain)
     signal.signal(signal.SIGINT, drain)
-    thread.start()
-    engine = Engine(served, control, scheduler=scheduler, fault=args.fault, on_batch=state.metrics.on_batch)
-    code = 0
-    try:
-        engine.lead()
-    except EngineStopped as e:
-        state.stopping, code = "stopped", 1
-        log.error("rank 0: stopping the server: %s", e)
-    state.writer.shutdown(wait=True)  # the last MP4s are written
-    http.should_exit = True
-    thread.join(timeout=60)
-    if temp is not None:
-        temp.cleanup()
+    code = service.run()
     if code:
         raise SystemExit(code)
     log.info("rank 0: stopped cleanly")

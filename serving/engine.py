@@ -95,11 +95,11 @@ class Engine:
         group: dist.ProcessGroup,
         *,
         scheduler: Scheduler | None = None,
-        fault: Fault | None = None,
+        faults: tuple[Fault, ...] = (),
         heartbeat_s: float = 1.0,
         on_batch: Callable[[list[Entry], float], None] | None = None,
     ) -> None:
-        self.served, self.group, self.fault = served, group, fault
+        self.served, self.group, self.faults = served, group, faults
         self.rank, self.world = group.rank(), group.size()
         if (self.rank == 0) != (scheduler is not None):
             raise ValueError("Engine: rank 0 (and only rank 0) takes a scheduler")
@@ -192,8 +192,8 @@ class Engine:
 
     def _prepare(self, request: Any) -> str | None:
         try:
-            if self.fault is not None:
-                self.fault.check(self.rank, "prepare", [request.prompt])
+            for fault in self.faults:
+                fault.check(self.rank, "prepare", [request.prompt])
         except Exception as e:
             return f"{type(e).__name__}: {e}"
         return None
@@ -205,8 +205,8 @@ class Engine:
         def on_step(fraction: float) -> None:
             error: Exception | None = None
             try:
-                if self.fault is not None:
-                    self.fault.check(self.rank, "denoise", prompts)
+                for fault in self.faults:
+                    fault.check(self.rank, "denoise", prompts)
                 if progress is not None:
                     progress(fraction)
             except Exception as e:  # reported to every rank first, then raised
