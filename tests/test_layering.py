@@ -36,7 +36,9 @@ LAYERS = [
     Layer("parallel_vae", frozenset()),
     # accelerate: diffusers' own CPU-offload hooks need it (models/offload.py)
     Layer("models", frozenset({"diffusers", "transformers", "tokenizers", "safetensors", "av", "accelerate"})),
-    Layer("serving", frozenset({"fastapi", "starlette", "uvicorn", "prometheus_client", "httpx", "tqdm", "matplotlib"})),
+    Layer(
+        "serving", frozenset({"fastapi", "starlette", "uvicorn", "prometheus_client", "httpx", "tqdm", "matplotlib"})
+    ),
     Layer("benchmarks", frozenset({"matplotlib", "torchmetrics"}), leaf=True),
     Layer("examples", frozenset({"tqdm"}), leaf=True),
 ]
