@@ -50,7 +50,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--reps", type=int, default=5, help="direct calls and concurrency-1 requests at --size")
     p.add_argument("--batch-reps", type=int, default=16, help="direct calls and requests of the batching part")
-    p.add_argument("--png-levels", type=int, nargs="+", default=[1], help="overhead part: one server per PNG level")
+    p.add_argument("--png-levels", type=int, nargs="+", default=[0], help="overhead part: one server per PNG level")
     p.add_argument("--sweep", default="1,2,4,8")
     p.add_argument("--sweep-prompts", type=int, default=8, help="requests per sweep level")
     p.add_argument("--tiny", action="store_true", help="the tiny random pipeline on the CPU (smoke test)")
@@ -116,7 +116,7 @@ class Direct:
 
 
 def serve_and_bench(
-    served: Any, control: Any, max_batch: int, benches: list[list[str]], out: Path, png_level: int = 1
+    served: Any, control: Any, max_batch: int, benches: list[list[str]], out: Path, png_level: int = 0
 ) -> list[dict]:
     """Serve ``served`` (``xdit serve``'s code, in this process) and run ``xdit bench`` once per argument list."""
     from serving.service import Service

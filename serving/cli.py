@@ -84,8 +84,8 @@ def parse_serve_args(argv: list[str], model: str) -> argparse.Namespace:
                    help="seconds a rank waits for another in any collective before the server stops")  # fmt: skip
     p.add_argument("--output-dir", default=None, help="where url images and MP4s are kept (default: a temp folder)")
     p.add_argument("--max-stored", type=positive_int, default=1000, help="images and videos kept; oldest go first")
-    p.add_argument("--png-level", type=int, choices=range(10), default=1, metavar="0..9",
-                   help="zlib level of PNG answers (default 1; 0 stores: fastest, largest)")  # fmt: skip
+    p.add_argument("--png-level", type=int, choices=range(10), default=0, metavar="0..9",
+                   help="zlib level of PNG answers (default 0: stored, fastest, largest; 1..9 compress)")  # fmt: skip
     p.add_argument("--fault-injection", action="append", default=[], metavar="RANK:STAGE:TEXT",
                    help="tests: fail on RANK at prepare|denoise for prompts containing TEXT (repeatable)")  # fmt: skip
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))

@@ -130,7 +130,7 @@ class ServerState:
         output_dir: Path,
         *,
         max_stored: int = 1000,
-        png_level: int = 1,
+        png_level: int = 0,
     ) -> None:
         self.limits, self.scheduler, self.output_dir, self.max_stored = limits, scheduler, output_dir, max_stored
         self.png_level = png_level
@@ -418,8 +418,8 @@ def _encode(images: list[Any], request: ImageRequest, png_level: int) -> list[by
 def png_bytes(rgb: bytes, width: int, height: int, level: int) -> bytes:
     """A lossless PNG of ``rgb`` (8-bit RGB rows, top first): no row filter, zlib at ``level`` (0 stores).
 
-    Pillow tries every row filter (smaller files, ~0.1 s for a 1024² image of noise even at level 1); a
-    server answering at the rate of a GPU spends a few milliseconds instead (``xdit serve --png-level``).
+    Pillow tries every row filter (smaller files, ~0.1 s for a 1024² image even at level 1); stored
+    (level 0, ``xdit serve``'s default) a 1024² image takes ~12 ms (``--png-level``; docs/performance.md).
     """
     stride = width * 3
     if len(rgb) != stride * height:

@@ -39,7 +39,7 @@ class Service:
         max_stored: int = 1000,
         faults: tuple[Fault, ...] = (),
         log_level: str = "info",
-        png_level: int = 1,
+        png_level: int = 0,
     ) -> None:
         self.scheduler = Scheduler(max_batch_images=max_batch_images, max_wait_s=max_wait_s, max_queue=max_queue)
         self._temp = tempfile.TemporaryDirectory(prefix="xdit_serve_") if output_dir is None else None

@@ -271,6 +271,22 @@ def test_metrics_parse_and_count(one: Server) -> None:
     assert after["xdit_queue_length"] == 0
 
 
+def test_bench_measures_the_server(one: Server, tmp_path: Path) -> None:
+    out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
+    done = subprocess.run(
+        [_xdit(), "bench", "--port", str(one.port), "--num-prompts", "4", "--concurrency-sweep", "1,2",
+         "--size", "32x32", "--output-file", str(out), "--plot", str(plot), "--disable-tqdm"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["concurrency"] for r in runs] == [1, 2]
+    for run in runs:
+        assert run["completed"] == 4 and run["failed"] == 0 and run["images"] == 4
+        assert 0 < run["latency_p50_s"] <= run["latency_p99_s"] and run["throughput_images_per_s"] > 0
+    assert plot.stat().st_size > 0
+
+
 def test_sigterm_drains_in_flight_requests_and_exits_zero(one: Server) -> None:
     results: list[httpx.Response] = []
     slow = {"prompt": "the last one", "seed": 4, "size": "128x128", "num_inference_steps": 20}
@@ -281,27 +297,6 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(one: Server) -> None:
     worker.join()
     assert results and results[0].status_code == 200, results
     assert "draining" in one.log() and "rank 0: stopped cleanly" in one.log()
-
-
-def test_bench_measures_a_server(tmp_path: Path) -> None:
-    port = _free_port()
-    server = Server([_xdit(), "serve", "flux", "--port", str(port)], port, tmp_path / "server.log")
-    try:
-        out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
-        done = subprocess.run(
-            [_xdit(), "bench", "--port", str(port), "--num-prompts", "4", "--concurrency-sweep", "1,2",
-             "--size", "32x32", "--output-file", str(out), "--plot", str(plot), "--disable-tqdm"],
-            capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stdout + done.stderr
-        runs = json.loads(out.read_text())["runs"]
-        assert [r["concurrency"] for r in runs] == [1, 2]
-        for run in runs:
-            assert run["completed"] == 4 and run["failed"] == 0 and run["images"] == 4
-            assert 0 < run["latency_p50_s"] <= run["latency_p99_s"] and run["throughput_images_per_s"] > 0
-        assert plot.stat().st_size > 0
-    finally:
-        assert server.stop() == 0
 
 
 # ------------------------------------------------------------------------------------------ two ranks
