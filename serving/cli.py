@@ -106,21 +106,14 @@ def _check_serve(args: argparse.Namespace) -> None:
         args.tiny = args.model_path is None
         args.multiple = 4 if args.tiny else check_flux_folder(local_folder(args.model_path, "--model-path"))
         args.max_batch_size = args.max_batch_size or 4
+        args.ulysses = mesh_degrees(world, args.ulysses, args.ring, args.batch, args.tp)
     else:
-        paths = [args.model_path, args.vae_path, args.text_encoder_path]
-        if any(paths) and not all(paths):
-            raise ValueError("pass all of --model-path, --vae-path and --text-encoder-path, or none (tiny random)")
-        args.tiny = not any(paths)
-        for path, option in zip(paths, ("--model-path", "--vae-path", "--text-encoder-path"), strict=True):
-            if path is not None:
-                local_folder(path, option)
-        args.batch = args.batch or (2 if world % (2 * args.tp) == 0 else 1)
-        if args.batch not in (1, 2):
-            raise ValueError(f"--batch {args.batch}: Open-Sora's batch axis holds the CFG pair, so 1 or 2")
+        from serving.generate_opensora import check_models_and_batch
+
+        check_models_and_batch(args)
         if args.max_batch_size not in (None, 1):
             raise ValueError("--max-batch-size: Open-Sora's sampler draws one noise tensor per call; videos run alone")
         args.max_batch_size = 1
-    args.ulysses = mesh_degrees(world, args.ulysses, args.ring, args.batch, args.tp)
     args.faults = tuple(Fault.parse(spec) for spec in args.fault_injection)
     for fault in args.faults:
         if fault.rank >= world:

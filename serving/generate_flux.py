@@ -28,6 +28,7 @@ from serving.launch_checks import (
     finite_float,
     launch_rank,
     launch_world_size,
+    least_height,
     local_folder,
     mesh_degrees,
     positive_int,
@@ -121,7 +122,7 @@ def _check(args: argparse.Namespace) -> None:
             )
     rows = args.height // (multiple // 2)
     if not args.plain_vae and rows < world:
-        least = -(-world * multiple // 2 // multiple) * multiple  # one latent row per rank, a multiple of `multiple`
+        least = least_height(world, multiple)
         raise ValueError(
             f"--height {args.height} gives {rows} latent rows, too few for the parallel VAE over {world} ranks "
             f"(one row each at least): use --height >= {least} or --plain-vae"

@@ -83,8 +83,10 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     return args
 
 
-def _check(args: argparse.Namespace) -> None:
-    """Fill in the defaults and check every argument against the others, the models and the launch."""
+def check_models_and_batch(args: argparse.Namespace) -> None:
+    """The three model folders (all or none: none = tiny random models; configs read now, T5 on rank 0),
+    ``args.tiny``, and the batch axis (the CFG pair: 1 or 2, default 2 on an even rank count) with the
+    ulysses degree; ``xdit generate opensora`` and ``xdit serve opensora`` share it."""
     paths = [args.model_path, args.vae_path, args.text_encoder_path]
     if any(paths) and not all(paths):
         raise ValueError("pass all of --model-path, --vae-path and --text-encoder-path, or none (tiny random models)")
@@ -94,8 +96,6 @@ def _check(args: argparse.Namespace) -> None:
     if args.batch not in (1, 2):
         raise ValueError(f"--batch {args.batch}: Open-Sora's batch axis holds the CFG pair, so 1 or 2")
     args.ulysses = mesh_degrees(world, args.ulysses, args.ring, args.batch, args.tp)
-    if args.peer_exchange and not torch.cuda.is_available():
-        raise ValueError("--peer-exchange needs CUDA GPUs; none is visible")
     if not args.tiny:
         for option, model, config in (
             ("--model-path", args.model_path, STDiT3Config),
@@ -108,6 +108,14 @@ def _check(args: argparse.Namespace) -> None:
                 encoder_folders(local_folder(args.text_encoder_path, "--text-encoder-path"))
             except ValueError as e:
                 raise ValueError(f"--text-encoder-path: {e}") from None
+
+
+def _check(args: argparse.Namespace) -> None:
+    """Fill in the defaults and check every argument against the others, the models and the launch."""
+    check_models_and_batch(args)
+    rank = launch_rank()
+    if args.peer_exchange and not torch.cuda.is_available():
+        raise ValueError("--peer-exchange needs CUDA GPUs; none is visible")
     args.num_frames = parse_num_frames(args.num_frames or ("17" if args.tiny else "4s"))
     args.height, args.width = image_size(args.resolution or ("144p" if args.tiny else "720p"), args.aspect_ratio)
     args.steps = args.steps or (4 if args.tiny else 30)

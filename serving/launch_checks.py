@@ -121,6 +121,12 @@ def mesh_degrees(world: int, ulysses: int | None, ring: int, batch: int, tp: int
     return ulysses
 
 
+def least_height(world: int, multiple: int) -> int:
+    """The least image height FLUX's parallel VAE takes on ``world`` ranks: one latent row (``multiple // 2``
+    pixels) per rank, rounded up to a multiple of ``multiple``."""
+    return -(-world * multiple // 2 // multiple) * multiple
+
+
 @contextmanager
 def process_group(timeout_s: float = 600.0) -> Iterator[DistributedContext]:
     """The default process group for the body: torchrun's (``init_distributed``), or, in a process started

@@ -23,6 +23,7 @@ from models import load_flux_pipeline, parallelize_flux_pipeline, tiny_flux_pipe
 from models.flux.pipeline import ParallelFluxPipeline
 from models.stdit.pipeline import OpenSoraPipeline, image_size, parallelize_opensora
 from models.testing import tiny_opensora_pipeline
+from serving.launch_checks import least_height
 from serving.schema import ImageLimits, ImageRequest, VideoLimits, VideoRequest
 from xdit_core import ParallelMesh
 
@@ -141,7 +142,7 @@ def build_flux(
         default_steps=4 if tiny else 28,
         max_steps=100,
         max_images=max_batch_images,
-        min_height=-(-mesh.world_size * multiple // 2 // multiple) * multiple,  # one latent row per rank
+        min_height=least_height(mesh.world_size, multiple),  # one latent row per rank
     )
     return ServedFlux(parallel, limits, max_sequence_length=64 if tiny else 512)
 

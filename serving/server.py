@@ -34,6 +34,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serving.engine import EngineStopped
 from serving.scheduler import Entry, QueueFull, Scheduler
 from serving.schema import (
     ImageLimits,
@@ -366,8 +367,6 @@ async def _wait(request: Request, future: Future, scheduler: Scheduler) -> Any:
 
 
 def _status(error: Exception) -> int:
-    from serving.engine import EngineStopped
-
     return 503 if isinstance(error, EngineStopped) else 500
 
 
