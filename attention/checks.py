@@ -162,7 +162,7 @@ def _validate(
         key_len = sum(kv_lengths)
     check_masks(key_mask, joint_key_mask, checked, q.shape[0], key_len, what)
     grad = needs_grad(q, k, v, *(checked or ()))
-    chosen = select_backend(backend, AttentionCall(q.device, q.dtype, q.shape[-1], grad))
+    chosen = select_backend(backend, AttentionCall(q.device, q.dtype, q.shape[-1], grad, keys=key_len))
     return SequenceCall(
         checked, lengths, kv_lengths, resolve_scale(scale, q.shape[-1]), chosen,
         None if key_mask is None else key_mask.detach().to("cpu"),

@@ -76,7 +76,7 @@ def attention_with_lse(
         keep = keep_lists(check_key_mask(key_mask, k.shape[0], k.shape[1], "attention_with_lse"))
     scale = resolve_scale(scale, q.shape[-1])
     grad = needs_grad(q, k, v)
-    chosen = select_backend(backend, AttentionCall(q.device, q.dtype, q.shape[-1], grad))
+    chosen = select_backend(backend, AttentionCall(q.device, q.dtype, q.shape[-1], grad, keys=k.shape[1]))
     return run_masked(chosen, q, k, v, scale, block_keep(keep, 0, k.shape[1], q.device))
 
 

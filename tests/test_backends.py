@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attention import BACKEND_NAMES, AttentionCall, attention_with_lse, available_backends, select_backend
-from attention.backends import BACKENDS
+from attention.backends import BACKENDS, SHORT_KEYS, _auto_order
 
 CPU = torch.device("cpu")
 CUDA_BACKENDS = ("fa3", "cudnn", "fa2", "flash", "efficient")
@@ -410,3 +410,12 @@ def test_gpu_forward_bf16_flash_attention_rule(name: str, head_dim: int):
 @pytest.mark.parametrize("name", GPU_NAMES)
 def test_gpu_backward_bf16_flash_attention_rule(name: str, head_dim: int, through: str):
     check_backward_rule(name, head_dim, through, torch.device("cuda", torch.cuda.current_device()))
+
+
+def test_auto_prefers_cudnn_to_fa3_on_short_key_sequences():
+    """Measured on an H200 (benchmarks/kernel_probe.py): FA3 wins on long sequences, cuDNN on short ones."""
+    call = AttentionCall(torch.device("cuda"), torch.bfloat16, 72, False, keys=SHORT_KEYS - 1)
+    names = [b.name for b in _auto_order(call)]
+    assert names.index("cudnn") < names.index("fa3") and sorted(names) == sorted(BACKEND_NAMES)
+    long = AttentionCall(torch.device("cuda"), torch.bfloat16, 72, False, keys=SHORT_KEYS)
+    assert [b.name for b in _auto_order(long)] == list(BACKEND_NAMES)
