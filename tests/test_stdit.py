@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from dist_utils import agreed_max, excess, expect_value_errors, run_ranks, worker_setup
 
 from models.stdit import STDiT3, STDiT3Config, parallelize_stdit, rflow_sample, rflow_timesteps, unparallelize_stdit
-from models.stdit.layers import RotaryEmbedding, sincos_pos_embed_2d, timestep_embedding
+from models.stdit.layers import GeluLinear, RotaryEmbedding, sincos_pos_embed_2d, timestep_embedding
 from xdit_core import ParallelMesh
 
 TINY = STDiT3Config(depth=2, hidden_size=64, num_heads=4, caption_channels=32, model_max_length=10)
@@ -199,6 +199,29 @@ def test_rotary_embedding_rotates_interleaved_pairs() -> None:
             torch.testing.assert_close(out[:, pos, 2 * i], a * torch.cos(angle) - b * torch.sin(angle))
             torch.testing.assert_close(out[:, pos, 2 * i + 1], b * torch.cos(angle) + a * torch.sin(angle))
     torch.testing.assert_close(rope.freqs, 1 / 10000 ** (torch.arange(0, 8, 2) / 8))
+
+
+def test_rotation_applies_along_any_dim_as_the_module_does() -> None:
+    rope = RotaryEmbedding(8)
+    x = torch.randn(3, 5, 2, 8)  # [B', L, H, d]: the layout the temporal attention rotates in
+    want = rope(x.transpose(1, 2)).transpose(1, 2)
+    assert torch.equal(rope.rotation(5, x.device, x.dtype)(x, dim=1), want)
+
+
+def test_gelu_linear_is_the_linear_then_the_tanh_gelu() -> None:
+    """The CPU path (and the path with gradients) is the two ops; the CUDA epilogue is checked on a GPU
+    (tests/test_gpu_kernels.py)."""
+    torch.manual_seed(0)
+    layer = GeluLinear(16, 32)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    want = F.gelu(F.linear(x, layer.weight, layer.bias), approximate="tanh")
+    got = layer(x)
+    assert torch.equal(got, want)
+    (gx,) = torch.autograd.grad(got.square().sum(), x)
+    (wx,) = torch.autograd.grad(want.square().sum(), x)
+    assert torch.equal(gx, wx)
+    with torch.no_grad():
+        assert torch.equal(layer(x), want)
 
 
 def test_position_embedding_puts_the_column_first_and_timestep_cos_first() -> None:

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
@@ -20,7 +19,7 @@ from attention.op import attention_compilable
 from models.stdit.layers import RMSNorm
 
 Tensor = torch.Tensor
-Rope = Callable[[Tensor], Tensor]
+Rope = Callable[..., Tensor]  # a models.stdit.layers.Rotation: rope(x, dim) rotates x along dim
 
 
 class SelfAttentionProcessor(Protocol):
@@ -47,17 +46,19 @@ class SelfAttention(nn.Module):
         """``x`` ``[B', L, C]`` → q, k, v ``[B', L, H, D]``: projected, q/k normalised, then rotated."""
         q, k, v = self.qkv(x).unflatten(-1, (3, -1, self.head_dim)).unbind(2)  # -1: this rank's heads under TP
         q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:  # rotate along L: the rotary embedding works on [..., L, D]
-            q, k = (rope(t.transpose(1, 2)).transpose(1, 2) for t in (q, k))
+        if rope is not None:  # rotate along L, in this layout
+            q, k = rope(q, dim=1), rope(k, dim=1)
         return q, k, v
 
     def forward(self, x: Tensor, *, frames: int, rope: Rope | None = None) -> Tensor:
         return self.processor(self, x, frames=frames, rope=rope)
 
 
-def sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Softmax attention in the ``[B, L, H, D]`` layout."""
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+def attend(q: Tensor, k: Tensor, v: Tensor, backend: str = "auto") -> Tensor:
+    """Softmax attention in the ``[B, L, H, D]`` layout, by the project's kernel choice (``backend``:
+    ``"auto"``, the fastest that fits, or a name from ``attention.BACKEND_NAMES``); one custom op, no
+    graph break, under ``torch.compile``."""
+    return attention_compilable(q, k, v, backend=backend)[0]
 
 
 def to_attention_layout(x: Tensor, frames: int, axis: str) -> Tensor:
@@ -74,11 +75,15 @@ def from_attention_layout(x: Tensor, batch: int, axis: str) -> Tensor:
 
 
 class LocalSelfAttention:
-    """The single-device computation: every token of the sequence is on this device."""
+    """The single-device computation: every token of the sequence is on this device. ``backend``: the
+    attention kernel (see :func:`attend`)."""
+
+    def __init__(self, backend: str = "auto") -> None:
+        self.backend = backend
 
     def __call__(self, attn: SelfAttention, x: Tensor, *, frames: int, rope: Rope | None) -> Tensor:
         seq = to_attention_layout(x, frames, attn.axis)
-        out = sdpa(*attn.project_qkv(seq, rope)).flatten(2)
+        out = attend(*attn.project_qkv(seq, rope), self.backend).flatten(2)
         return attn.proj(from_attention_layout(out, x.shape[0], attn.axis))
 
 

@@ -6,10 +6,12 @@ Parameter names and shapes follow the published checkpoint (see ``models/stdit/m
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 Tensor = torch.Tensor
 
@@ -37,16 +39,38 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(timestep_embedding(t, self.frequency_dim).to(self.mlp[0].weight.dtype))
 
 
+class GeluLinear(nn.Linear):
+    """``gelu_tanh(x @ weight.T + bias)``: an ``nn.Linear`` (same parameters, same hooks) whose output goes
+    through GELU with the tanh approximation.
+
+    On CUDA, for inference, one ``torch._addmm_activation``: a cuBLASLt GEMM with the bias and the GELU
+    (tanh approximation) in its epilogue, applied to the float32 accumulator before the one rounding to
+    the output dtype. The separate GELU would write the ``[N, hidden]`` product and read it back (4 GB per
+    STDiT3-XL block at 720p 4 s, the largest activation of a block). Everywhere else the linear and
+    ``F.gelu(approximate="tanh")`` as two ops: on the CPU (where that op's GELU is the exact, erf one), when
+    gradients are needed (the op has no derivative), and for weights sharded by tensor parallelism
+    (``DTensor`` has no rule for it).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        if not x.is_cuda or grad or isinstance(self.weight, DTensor) or self.bias is None:
+            return F.gelu(super().forward(x), approximate="tanh")
+        out = torch._addmm_activation(self.bias, x.reshape(-1, x.shape[-1]), self.weight.t(), use_gelu=True)
+        return out.unflatten(0, x.shape[:-1])
+
+
 class Mlp(nn.Module):
-    """``fc2(act(fc1(x)))`` with GELU (tanh approximation), as timm's ``Mlp``."""
+    """``fc2(act(fc1(x)))`` with GELU (tanh approximation), as timm's ``Mlp``; ``fc1`` applies the GELU
+    itself (:class:`GeluLinear`)."""
 
     def __init__(self, in_features: int, hidden: int, out_features: int) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden)
+        self.fc1 = GeluLinear(in_features, hidden)
         self.fc2 = nn.Linear(hidden, out_features)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(self.fc1(x))
 
 
 class CaptionEmbedder(nn.Module):
@@ -76,8 +100,26 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
 
+@dataclass(frozen=True)
+class Rotation:
+    """The rotary embedding of one sequence length: its ``cos`` and ``sin``, ``[L, d]`` each, computed once
+    (per forward pass, not per block) and applied by calling it."""
+
+    cos: Tensor
+    sin: Tensor
+
+    def __call__(self, x: Tensor, dim: int = -2) -> Tensor:
+        """``x`` (last dim ``d``) rotated by position along ``dim`` (of length ``L``): interleaved pairs
+        ``(x0, x1)`` → ``(x0 cos - x1 sin, x1 cos + x0 sin)``, in any layout (no transposes)."""
+        shape = [1] * x.dim()
+        shape[dim], shape[-1] = self.cos.shape
+        pairs = x.unflatten(-1, (-1, 2))
+        rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+        return (x * self.cos.view(shape) + rotated * self.sin.view(shape)).to(x.dtype)
+
+
 class RotaryEmbedding(nn.Module):
-    """Interleaved-pair rotary embedding over the sequence dim ``-2`` (temporal attention only).
+    """Interleaved-pair rotary embedding over the sequence (temporal attention only).
 
     ``freqs`` (a non-trainable parameter, saved as ``rope.freqs``) = ``1/10000^(2i/dim)``. Angles are
     ``position × freqs`` computed in the dtype of ``freqs``, as the reference does (so a bf16 model
@@ -89,14 +131,16 @@ class RotaryEmbedding(nn.Module):
         freqs = 1.0 / theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim)
         self.freqs = nn.Parameter(freqs, requires_grad=False)
 
+    def rotation(self, length: int, device: torch.device, dtype: torch.dtype) -> Rotation:
+        """The :class:`Rotation` of positions ``0 … length-1`` for inputs of ``dtype`` (positions are made in
+        it, then cast to the dtype of ``freqs``, as the reference does)."""
+        positions = torch.arange(length, device=device, dtype=dtype).to(self.freqs.dtype)
+        angles = (positions[:, None] * self.freqs[None]).repeat_interleave(2, dim=-1)  # [L, d]
+        return Rotation(angles.cos(), angles.sin())
+
     def forward(self, x: Tensor) -> Tensor:
         """``x`` ``[..., L, d]`` rotated by position along ``L``."""
-        length = x.shape[-2]
-        positions = torch.arange(length, device=x.device, dtype=x.dtype).to(self.freqs.dtype)
-        angles = (positions[:, None] * self.freqs[None]).repeat_interleave(2, dim=-1)  # [L, d]
-        pairs = x.unflatten(-1, (-1, 2))
-        rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-        return (x * angles.cos() + rotated * angles.sin()).to(x.dtype)
+        return self.rotation(x.shape[-2], x.device, x.dtype)(x)
 
 
 def sincos_pos_embed_2d(

@@ -160,6 +160,17 @@ class STDiT3(nn.Module):
         self.spatial_blocks, self.temporal_blocks = blocks(False), blocks(True)
         self.final_layer = FinalLayer(hidden, math.prod(config.patch_size), config.out_channels)
 
+    def compile_repeated_blocks(self, **kwargs: Any) -> STDiT3:
+        """``torch.compile`` each spatial and temporal block (regional compilation; diffusers' name and
+        behaviour): ``kwargs`` go to ``torch.compile``, with ``fullgraph=True`` unless given. Every block of
+        a kind shares one compiled graph (the weights are its inputs), so two graphs are built, on the first
+        call. The attention inside is one custom op (:mod:`attention.op`), so a block compiles whole,
+        sequence-parallel or not. Returns the model."""
+        kwargs.setdefault("fullgraph", True)
+        for block in (*self.spatial_blocks, *self.temporal_blocks):
+            block.compile(**kwargs)
+        return self
+
     # ------------------------------------------------------------------------------ forward
     def forward(
         self,
@@ -220,9 +231,10 @@ class STDiT3(nn.Module):
     def run_blocks(self, x: Tensor, cond: Conditioning) -> Tensor:
         """The ``depth`` (spatial, temporal) pairs on tokens ``[B, T·S, C]``.
 
-        The blocks get the rotary embedding as a function, not as the module: offload hooks move the
+        The blocks get the rotary embedding as its :class:`~models.stdit.layers.Rotation` over the frames
+        (cos and sin computed once here, not in every block), not as the module: offload hooks move the
         modules passed to a block along with its inputs, and the rotary embedding belongs to the root."""
-        rope = self.rope.__call__
+        rope = self.rope.rotation(cond.frames, x.device, x.dtype)
         for spatial, temporal in zip(self.spatial_blocks, self.temporal_blocks, strict=True):
             x = spatial(x, cond, rope)
             x = temporal(x, cond, rope)

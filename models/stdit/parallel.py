@@ -35,8 +35,8 @@ from attention.op import usp_attention_compilable
 from models.stdit.attention import (
     Rope,
     SelfAttention,
+    attend,
     from_attention_layout,
-    sdpa,
     to_attention_layout,
 )
 from models.stdit.model import STDiT3
@@ -95,8 +95,8 @@ class UspSpatialAttention:
 class DspSpatialAttention:
     """Spatial attention with the sharded axis switched from positions to frames around it (DSP)."""
 
-    def __init__(self, mesh: ParallelMesh, context: CallContext[SpatialLayout]) -> None:
-        self.mesh, self.context = mesh, context
+    def __init__(self, mesh: ParallelMesh, context: CallContext[SpatialLayout], backend: str) -> None:
+        self.mesh, self.context, self.backend = mesh, context, backend
 
     def __call__(self, attn: SelfAttention, x: Tensor, *, frames: int, rope: Rope | None) -> Tensor:
         group, layout = self.mesh.sp_group, self.context.layout
@@ -106,7 +106,7 @@ class DspSpatialAttention:
             [grid], group, scatter_dim=1, gather_dim=2, scatter_sizes=frames_sizes, gather_sizes=position_sizes
         )  # [B, T_local, S, C]: whole frames
         seq = whole.flatten(0, 1)
-        out = attn.proj(sdpa(*attn.project_qkv(seq, rope)).flatten(2)).unflatten(0, whole.shape[:2])
+        out = attn.proj(attend(*attn.project_qkv(seq, rope), self.backend).flatten(2)).unflatten(0, whole.shape[:2])
         (back,) = all_to_all(
             [out], group, scatter_dim=2, gather_dim=1, scatter_sizes=position_sizes, gather_sizes=frames_sizes
         )
@@ -178,7 +178,7 @@ def parallelize_stdit(model: STDiT3, mesh: ParallelMesh, *, spatial: str = "usp"
 
     Call it as before on every rank with the same full inputs; every rank gets the full output.
     ``spatial``: ``"usp"`` (default) or ``"dsp"`` (see the module docstring). ``backend``: the kernel
-    of the USP attention.
+    of the sharded spatial attention (USP's or DSP's).
     """
     if not isinstance(model, STDiT3):
         raise ValueError(f"parallelize_stdit needs an STDiT3, got {type(model).__name__}")
@@ -199,9 +199,7 @@ def parallelize_stdit(model: STDiT3, mesh: ParallelMesh, *, spatial: str = "usp"
     if plan is not None:
         state.tensor_parallel = apply_tp(model, mesh, *plan)
     if mesh.sp_size > 1:  # on a batch-only mesh every rank holds whole frames: the plain attention stays
-        processor = (
-            UspSpatialAttention(mesh, context, backend) if spatial == "usp" else DspSpatialAttention(mesh, context)
-        )
+        processor = (UspSpatialAttention if spatial == "usp" else DspSpatialAttention)(mesh, context, backend)
         for attn in spatial_attn:
             attn.processor = processor
     install_hook(model, TOKENS_HOOK, _Tokens(state), method="prepare")
