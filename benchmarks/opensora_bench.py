@@ -12,8 +12,8 @@ whole text-to-video pipeline, on as many GPUs as torchrun starts.
 * ``--pipeline RES ...``: prompt → T5-XXL (float32, on rank 0 only; a byte-level tokenizer stands in
   for T5's, same 300 tokens) → 30 rectified-flow steps of STDiT3-XL/2 with CFG → VAE decode, 4 s at
   9:16. On more than one GPU: ``parallelize_opensora`` with the CFG pair on the batch axis when the
-  rank count is even. One warm-up call (2 steps), then one timed call; its breakdown (text,
-  denoising, decode) is what the pipeline reports.
+  rank count is even; ``--compile``: STDiT3's blocks compiled (``compile_repeated_blocks``). One warm-up
+  call (2 steps), then one timed call; its breakdown (text, denoising, decode) is what the pipeline reports.
 """
 
 from __future__ import annotations
@@ -139,6 +139,7 @@ def main() -> None:
     p.add_argument("--pipeline", nargs="*", default=[], help="resolutions for the whole pipeline (e.g. 360p 720p)")
     p.add_argument("--num-frames", default="4s")
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--compile", action="store_true", help="pipeline: compile STDiT3's blocks (fullgraph)")
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--prompt", default="a red fox running through fresh snow at sunrise, cinematic")
     p.add_argument("--out", default="results/opensora")
@@ -159,9 +160,12 @@ def main() -> None:
             mesh = ParallelMesh.build(ulysses=ctx.world_size // batch, batch=batch, device_type="cuda")
             pipe = parallelize_opensora(pipe, mesh)
             log(f"mesh {mesh.describe()}")
+        if args.compile:
+            pipe.transformer.compile_repeated_blocks(dynamic=False)
         rows += bench_pipeline(args, ctx.device, pipe)
     if ctx.rank == 0:
-        name = f"opensora_world_{ctx.world_size}_{'vae' if args.vae else ''}{'_'.join(args.pipeline)}.json"
+        name = f"opensora_world_{ctx.world_size}_{'vae' if args.vae else ''}{'_'.join(args.pipeline)}"
+        name += "_compiled.json" if args.compile else ".json"
         (out / name).write_text(json.dumps(rows, indent=1))
     dist.barrier()
     dist.destroy_process_group()

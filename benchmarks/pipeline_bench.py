@@ -3,11 +3,12 @@
 ``torchrun --nproc_per_node N benchmarks/pipeline_bench.py``: the pipeline of ``flux_pipeline_model.py``
 (T5-XXL, CLIP-L, the transformer, the VAE; random weights, bf16) at ``--size``² for ``--steps`` steps, through
 ``parallelize_flux_pipeline`` on a Ulysses mesh over the N ranks (the parallel VAE included; ``--cuda-graph``
-replays each step from a CUDA graph), one warm-up call, then ``--reps`` timed calls. Each stage is timed with
-CUDA events recorded around the components' calls (no synchronisation inside the call, so the total is the
-pipeline's own): ``text`` (CLIP and T5 on rank 0), ``steps`` (every transformer call, summed), ``decode`` (the VAE),
-and ``other`` (the rest: scheduler, latents, the broadcasts). It reports the medians and checks the issue-20
-budget: the whole call within ``steps × one step + 0.35 s``. Rank 0 writes ``--out``/pipeline_bench.json.
+replays each step from a CUDA graph, ``--compile`` compiles the transformer's blocks), one warm-up call, then
+``--reps`` timed calls. Each stage is timed with CUDA events recorded around the components' calls (no
+synchronisation inside the call, so the total is the pipeline's own): ``text`` (CLIP and T5 on rank 0), ``steps``
+(every transformer call, summed), ``decode`` (the VAE), and ``other`` (the rest: scheduler, latents, the
+broadcasts). It reports the medians and checks the issue-20 budget: the whole call within ``steps × one step +
+0.35 s``. Rank 0 writes ``--out``/pipeline_bench.json.
 
     torchrun --nproc_per_node 1 benchmarks/pipeline_bench.py --out results/pipeline
     torchrun --nproc_per_node 2 benchmarks/pipeline_bench.py --tiny --steps 3 --reps 1 --out /tmp/pipeline
@@ -86,6 +87,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--cuda-graph", action="store_true", help="replay each step from a CUDA graph")
+    p.add_argument("--compile", action="store_true", help="compile the transformer's blocks (fullgraph)")
     p.add_argument("--tiny", action="store_true", help="the tests' tiny pipeline in float32 (a CPU smoke run)")
     p.add_argument("--out", default="results/pipeline")
     args = p.parse_args()
@@ -99,6 +101,8 @@ def main() -> None:
 
         pipe, size = build_flux_dev_pipeline(device), args.size
     parallel = parallelize_flux_pipeline(pipe, mesh, cuda_graph=args.cuda_graph)
+    if args.compile:  # the attention is a custom op: each block compiles into one graph
+        pipe.transformer.compile_repeated_blocks(fullgraph=True, dynamic=False)
     clock = StageClock(cuda)
     clock.watch("text", pipe.text_encoder)
     clock.watch("text", pipe.text_encoder_2)
@@ -134,7 +138,7 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         gpu = torch.cuda.get_device_name(device) if cuda else "cpu"
         meta = {"device": gpu, "world": ctx.world_size, "size": size, "steps": args.steps, "tiny": args.tiny,
-                "cuda_graph": args.cuda_graph, "torch": torch.__version__}  # fmt: skip
+                "cuda_graph": args.cuda_graph, "compile": args.compile, "torch": torch.__version__}  # fmt: skip
         (out / "pipeline_bench.json").write_text(json.dumps({"meta": meta, "median": median, "runs": rows}, indent=1))
     dist.destroy_process_group()
 
