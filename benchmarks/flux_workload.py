@@ -1,9 +1,10 @@
 """Sweep workload ``flux``: one FLUX transformer forward (one denoising step), parallel and not.
 
-Rows per image size: on world 1 the plain diffusers model (eager, then regional ``torch.compile``);
-on larger worlds ``parallelize_flux`` on every ulysses × ring mesh (text sharded; Ulysses also with
-text replicated), compiled on the Ulysses mesh, and, on GPUs, diffusers' own context parallelism
-(``ContextParallelConfig``, ulysses and ring) as the peer baseline. Every output is checked against
+Rows per image size: on world 1 the plain diffusers model (eager, then regional ``torch.compile``, and
+compiled through ``parallelize_flux`` on a mesh of one rank); on larger worlds ``parallelize_flux`` on
+every ulysses × ring mesh (text sharded; Ulysses also with text replicated), compiled on the Ulysses
+mesh, and, on GPUs, diffusers' own context parallelism (``ContextParallelConfig``, ulysses and ring) as
+the peer baseline. Every output is checked against
 a float32 forward of the same weights (the bf16 weights cast up): ``max_err`` next to ``ref_err``,
 the error of the plain bf16 model, by the flash-attention rule (pass: at most twice that).
 """
@@ -155,3 +156,10 @@ def flux_workload(args: Any, timer: Any) -> Iterator[dict]:
                 variant, mesh_name = ("single", "1") if mesh is None else ("ours", f"u{world}r1")
                 backend = "sdpa" if mesh is None else "auto"
                 yield row(size, f"{variant} compiled+graph", mesh_name, graphed, backend=backend, baseline=mesh is None)
+        if world == 1:  # and ours on a mesh of one rank: the product's path (the attention one custom op)
+            parallelize_flux(model, ParallelMesh.build(ulysses=1, device_type=device.type))
+            try:
+                for size in refs:
+                    yield row(size, "ours compiled", "u1r1", model)
+            finally:
+                unparallelize_flux(model)

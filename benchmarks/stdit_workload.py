@@ -2,10 +2,12 @@
 
 Rows: on world 1 the plain model; on larger worlds ``parallelize_stdit`` with the spatial attention
 as USP and as DSP on the all-ranks sequence-parallel mesh, and the CFG pair on the ``batch`` axis
-(``b2`` × sequence parallel over the rest, spatial USP). Input: batch 2 (the CFG pair), latents
-``--stdit-latent`` (default 720p 4 s: 30×90×160, 108 000 tokens per sample), 300 text tokens of
-which 120 valid. Every output is checked against a float32 forward of the same (bf16-valued)
-weights on one device, by the flash-attention rule (error at most twice the plain bf16 model's).
+(``b2`` × sequence parallel over the rest, spatial USP); with ``--stdit-compile`` also the blocks
+compiled (``compile_repeated_blocks``: the plain model on world 1, USP on all ranks on larger worlds).
+Input: batch 2 (the CFG pair), latents ``--stdit-latent`` (default 720p 4 s: 30×90×160, 108 000
+tokens per sample), 300 text tokens of which 120 valid. Every output is checked against a float32
+forward of the same (bf16-valued) weights on one device, by the flash-attention rule (error at most
+twice the plain bf16 model's).
 """
 
 from __future__ import annotations
@@ -108,6 +110,9 @@ def stdit_workload(args: Any, timer: Any) -> Iterator[dict]:
 
     if world == 1:
         yield row("single", "1")
+        if args.stdit_compile:  # the blocks compiled (fullgraph), as the product runs them
+            model.compile_repeated_blocks(dynamic=False)
+            yield row("single compiled", "1")
         return
     device_type = device.type
     spatial_modes = ("usp", "dsp") if latent[0] >= world else ("usp",)  # DSP needs a frame per rank
@@ -118,5 +123,12 @@ def stdit_workload(args: Any, timer: Any) -> Iterator[dict]:
         parallelize_stdit(model, mesh, spatial=spatial)
         try:
             yield row(f"ours {spatial}", name)
+        finally:
+            unparallelize_stdit(model)
+    if args.stdit_compile:  # USP on all ranks, the blocks compiled (the attention is one custom op)
+        model.compile_repeated_blocks(dynamic=False)
+        parallelize_stdit(model, cases[0][1], spatial="usp")
+        try:
+            yield row("ours usp compiled", cases[0][0])
         finally:
             unparallelize_stdit(model)

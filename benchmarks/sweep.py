@@ -316,7 +316,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--flux-compile",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="flux: also time regional torch.compile (plain on world 1, ours on the Ulysses mesh)",
+        help="flux: also time regional torch.compile (plain and ours on world 1, ours on the Ulysses mesh)",
     )
     p.add_argument(
         "--flux-baselines",
@@ -354,6 +354,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int_list(length=3),
         default=None,
         help="stdit: latent T,H,W (default CPU 4,9,7; GPU 30,90,160 = 720p 4 s)",
+    )
+    p.add_argument(
+        "--stdit-compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="stdit: also time the blocks compiled (plain on world 1, USP on larger worlds)",
     )
     p.add_argument("--stdit-reps", type=positive, default=None, help="stdit: timed forwards (default CPU 2; GPU 3)")
     p.add_argument("--warmup", type=at_least_0, default=None)
