@@ -9,6 +9,8 @@
 # Usage: PARTS="probe stdit flux flux-pipeline opensora check" bash benchmarks/gpu_step.sh [step_bench.py args...]
 #   (results in $OUT)
 #   OLD_ROWS="plain-eager ..." limits the old library's rows (step_bench.py --rows)
+#   CLOCKS=1 samples the GPU's SM clock, power and clock-event reasons every 50 ms and reports them per row
+#   (benchmarks/clocks_report.py)
 set -u
 . benchmarks/gpu_env.sh
 SITE=${PYTHONPATH%%:*}
@@ -16,6 +18,13 @@ OLD=/tmp/step_old
 LABELS=new
 if [ -f .whl/step_old.tar ]; then
   rm -rf "$OLD" && mkdir -p "$OLD" && tar -xf .whl/step_old.tar -C "$OLD" && LABELS="old new"
+fi
+if [ "${CLOCKS:-0}" = 1 ]; then
+  reasons=clocks_event_reasons.active
+  nvidia-smi --query-gpu=$reasons --format=csv >/dev/null 2>&1 || reasons=clocks_throttle_reasons.active
+  nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,power.limit,$reasons --format=csv,noheader,nounits \
+    -lms 50 > "$OUT/clocks.csv" &
+  SAMPLER=$!
 fi
 {
   date -u
@@ -39,5 +48,9 @@ fi
         --label "$label" --model "$part" --profile --out "$OUT" "$@" "${rows[@]}" 2>&1 | grep -v "^W1\|warn"
     done
   done
+  if [ "${CLOCKS:-0}" = 1 ]; then
+    kill "$SAMPLER"
+    python3 benchmarks/clocks_report.py "$OUT/clocks.csv" "$OUT/step_bench.jsonl"
+  fi
 } 2>&1 | tee -a "$OUT/step.log"
 exit 0

@@ -83,8 +83,10 @@ def measure(name: str, fn: Callable[[], Any], fp32: torch.Tensor, ref_err: float
     out = fn()
     out = out[0] if isinstance(out, tuple) else out
     err = (out.float() - fp32.float()).abs().max().item()
+    start = time.time()
     ms = median_ms(fn, args.reps, args.warmup)
-    row = {"row": name, "ms": ms, "max_err": err, "ref_err": ref_err, "ok": err <= 2 * ref_err}
+    window = (start, time.time())  # wall-clock span of the timed steps, to match with sampled GPU clocks
+    row = {"row": name, "ms": ms, "window": window, "max_err": err, "ref_err": ref_err, "ok": err <= 2 * ref_err}
     row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     if args.profile:
         split = kernel_split(fn)
