@@ -1,7 +1,9 @@
-"""Helpers the model workloads share: agreeing on a value across ranks, a reference computed once."""
+"""Helpers the model workloads share: agreeing on a value across ranks, a reference computed once, a median step."""
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,3 +29,17 @@ def world_one_reference(cache: Path, world: int, compute: Callable[[], dict[str,
         del result
     dist.barrier()
     return torch.load(cache) if cache.exists() else None
+
+
+def median_ms(fn: Callable[[], Any], reps: int, warmup: int) -> float:
+    """Median wall time of ``fn()`` in ms over ``reps`` CUDA-synchronised calls, after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
+from checks import median_ms
 from flux_model import FLUX_DEV, build_flux, flux_inputs  # beside this script (its folder is on sys.path)
 from stdit_workload import CONFIGS, build_stdit, stdit_inputs
 
@@ -32,19 +31,6 @@ from models.stdit import parallelize_stdit, unparallelize_stdit
 from xdit_core import ParallelMesh, init_distributed
 
 STDIT_720P = (30, 90, 160)  # 4 s at 720p: latent frames, rows, columns
-
-
-def _median_ms(fn, reps: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def _flux_rows(args: argparse.Namespace, device: torch.device, mesh: ParallelMesh) -> list[dict]:
@@ -61,7 +47,7 @@ def _flux_rows(args: argparse.Namespace, device: torch.device, mesh: ParallelMes
         if graph is not None:
             parallelize_flux(model, mesh, cuda_graph=graph)
         err = (model(**inputs)[0].float() - plain.float()).abs().max().item()
-        ms = _median_ms(lambda: model(**inputs), args.reps)
+        ms = median_ms(lambda: model(**inputs), args.reps, warmup=3)
         if graph is not None:
             unparallelize_flux(model)
         rows.append({"model": "flux", "variant": name, "size": args.size, "ms": ms, "max_err_vs_plain": err})
@@ -78,7 +64,7 @@ def _stdit_rows(args: argparse.Namespace, device: torch.device, mesh: ParallelMe
         if name != "plain":
             parallelize_stdit(model, mesh)
         err = (model(**inputs).float() - plain.float()).abs().max().item()
-        ms = _median_ms(lambda: model(**inputs), args.reps, warmup=2)
+        ms = median_ms(lambda: model(**inputs), args.reps, warmup=2)
         if name != "plain":
             unparallelize_stdit(model)
         rows.append({"model": "stdit", "variant": name, "size": "720p 4 s", "ms": ms, "max_err_vs_plain": err})

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from checks import median_ms
 from flux_model import FLUX_DEV, build_flux, flux_inputs  # beside this script (its folder is on sys.path)
 from stdit_workload import CONFIGS, build_stdit, stdit_inputs
 from torch.profiler import ProfilerActivity, profile
@@ -51,19 +51,6 @@ def family(name: str) -> str:
     if low.startswith("triton_"):  # inductor's kernels, named after the ops fused in (maybe "..._attention_...")
         return "gemm" if low.startswith("triton_tem") else "other"
     return next((f for f, keys in FAMILIES.items() if any(k in low for k in keys)), "other")
-
-
-def median_ms(fn: Callable[[], Any], reps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def kernel_split(fn: Callable[[], Any]) -> dict[str, float]:
