@@ -123,7 +123,7 @@ def block_plan(model: nn.Module, lists: tuple[str, ...], per_block: dict[str, st
                     module = model.get_submodule(full)
                 except AttributeError:
                     module = None
-                if type(module) is not nn.Linear:
+                if type(module) is not nn.Linear and not getattr(module, "splits_like_linear", False):
                     found = "nothing" if module is None else type(module).__name__
                     raise ValueError(f"{what}: {full} must be a torch.nn.Linear to split, found {found}")
                 plan[full] = style

@@ -52,6 +52,10 @@ class GeluLinear(nn.Linear):
     (``DTensor`` has no rule for it).
     """
 
+    # Tensor parallelism may split it as a torch.nn.Linear (models.tensor_parallel): it then computes with DTensor
+    # weights, as the linear and the GELU, and an elementwise GELU commutes with a split of the output features.
+    splits_like_linear = True
+
     def forward(self, x: Tensor) -> Tensor:
         grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
         if not x.is_cuda or grad or isinstance(self.weight, DTensor) or self.bias is None:
@@ -119,7 +123,8 @@ class Rotation:
 
 
 class RotaryEmbedding(nn.Module):
-    """Interleaved-pair rotary embedding over the sequence (temporal attention only).
+    """Interleaved-pair rotary embedding over the sequence (temporal attention only): ``rope(length, device,
+    dtype)`` is the :class:`Rotation` to apply (``rotation(x, dim)``).
 
     ``freqs`` (a non-trainable parameter, saved as ``rope.freqs``) = ``1/10000^(2i/dim)``. Angles are
     ``position × freqs`` computed in the dtype of ``freqs``, as the reference does (so a bf16 model
@@ -131,16 +136,13 @@ class RotaryEmbedding(nn.Module):
         freqs = 1.0 / theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim)
         self.freqs = nn.Parameter(freqs, requires_grad=False)
 
-    def rotation(self, length: int, device: torch.device, dtype: torch.dtype) -> Rotation:
+    def forward(self, length: int, device: torch.device, dtype: torch.dtype) -> Rotation:
         """The :class:`Rotation` of positions ``0 … length-1`` for inputs of ``dtype`` (positions are made in
-        it, then cast to the dtype of ``freqs``, as the reference does)."""
+        it, then cast to the dtype of ``freqs``, as the reference does). Its ``forward``, so that offload hooks
+        bring ``freqs`` to the device first."""
         positions = torch.arange(length, device=device, dtype=dtype).to(self.freqs.dtype)
         angles = (positions[:, None] * self.freqs[None]).repeat_interleave(2, dim=-1)  # [L, d]
         return Rotation(angles.cos(), angles.sin())
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``x`` ``[..., L, d]`` rotated by position along ``L``."""
-        return self.rotation(x.shape[-2], x.device, x.dtype)(x)
 
 
 def sincos_pos_embed_2d(

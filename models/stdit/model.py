@@ -232,9 +232,10 @@ class STDiT3(nn.Module):
         """The ``depth`` (spatial, temporal) pairs on tokens ``[B, T·S, C]``.
 
         The blocks get the rotary embedding as its :class:`~models.stdit.layers.Rotation` over the frames
-        (cos and sin computed once here, not in every block), not as the module: offload hooks move the
-        modules passed to a block along with its inputs, and the rotary embedding belongs to the root."""
-        rope = self.rope.rotation(cond.frames, x.device, x.dtype)
+        (cos and sin computed once here, through the module's forward so offload hooks run, not in every
+        block), not as the module: offload hooks move the modules passed to a block along with its inputs,
+        and the rotary embedding belongs to the root."""
+        rope = self.rope(cond.frames, x.device, x.dtype)
         for spatial, temporal in zip(self.spatial_blocks, self.temporal_blocks, strict=True):
             x = spatial(x, cond, rope)
             x = temporal(x, cond, rope)
