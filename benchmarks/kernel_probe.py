@@ -8,7 +8,8 @@
   ``F.scaled_dot_product_attention`` (torch's own choice, what the plain STDiT3 attention called before).
 * STDiT3's MLP up-projection at 720p (216 000 × 1152 → 4608): linear then GELU (tanh) as two ops against
   ``GeluLinear``'s one GEMM with the GELU in the epilogue; each one's error against the float32 GEMM and
-  the tanh GELU, and the fused one's against the exact (erf) GELU (which it must not be).
+  the tanh GELU, and the fused one's against the exact (erf) GELU (the two GELUs differ by less than bf16's
+  rounding here; ``tests/test_gpu_kernels.py`` tells them apart in float32).
 * FLUX.1-dev's GEMMs at 1024² and 2048² (4608 / 16896 tokens): ``F.linear`` (addmm, bias in the
   epilogue) against ``mm`` then the bias added, and ``mm`` alone (what a compiled graph may run).
 
@@ -71,18 +72,18 @@ def gelu_rows(device: torch.device) -> list[dict]:
     layer = GeluLinear(1152, 4608, device=device, dtype=torch.bfloat16)
     x = torch.randn(216000, 1152, device=device, dtype=torch.bfloat16)
     with torch.no_grad():
-        exact = layer(x[:4096])
+        fused = layer(x[:4096])
         lin = F.linear(x[:4096].float(), layer.weight.float(), layer.bias.float())
         tanh_ref, erf_ref = F.gelu(lin, approximate="tanh"), F.gelu(lin)
         two_ops = F.gelu(F.linear(x[:4096], layer.weight, layer.bias), approximate="tanh")
+        compared = (
+            ("fused vs fp32 tanh", fused, tanh_ref),
+            ("two ops vs fp32 tanh", two_ops, tanh_ref),
+            ("fused vs fp32 erf", fused, erf_ref),
+        )
         rows = [
-            {"probe": "gelu", "what": "fused vs fp32 tanh", "max_err": (exact.float() - tanh_ref).abs().max().item()},
-            {
-                "probe": "gelu",
-                "what": "two ops vs fp32 tanh",
-                "max_err": (two_ops.float() - tanh_ref).abs().max().item(),
-            },
-            {"probe": "gelu", "what": "fp32 tanh vs fp32 erf", "max_err": (tanh_ref - erf_ref).abs().max().item()},
+            {"probe": "gelu", "what": what, "max_err": (out.float() - ref).abs().max().item()}
+            for what, out, ref in compared
         ]
         ms_two = time_ms(lambda: F.gelu(F.linear(x, layer.weight, layer.bias), approximate="tanh"))
         ms_lin = time_ms(F.linear, x, layer.weight, layer.bias)

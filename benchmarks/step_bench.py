@@ -14,7 +14,8 @@ flash-attention rule); with ``--profile`` one more step under ``torch.profiler``
 into GEMM, attention and everything else, and the step's idle share (median step − kernel time).
 
 The library is whatever ``PYTHONPATH`` puts first, so the same script times an older commit beside this
-one (``benchmarks/gpu_step.sh``); rows an older library cannot run are reported as skipped.
+one (``benchmarks/gpu_step.sh``); on a library without ``STDiT3.compile_repeated_blocks`` the STDiT3 blocks are
+compiled one by one with ``torch.compile``'s defaults.
 Results append to ``DIR/step_bench.jsonl``.
 """
 
@@ -146,8 +147,9 @@ def stdit_rows(args: argparse.Namespace, device: torch.device, mesh: ParallelMes
     compiled = False
     for name in args.rows:
         kind, mode = name.split("-", 1)
-        if mode == "compiled+graph":
-            continue  # a 1-2 s step has no launch overhead to remove
+        if mode == "compiled+graph":  # a 1-2 s step has no launch overhead to remove
+            print(f"{args.label:<6} stdit  {name}: skipped (CUDA graphs are timed for FLUX only)", flush=True)
+            continue
         if mode == "compiled" and not compiled:
             if hasattr(model, "compile_repeated_blocks"):
                 model.compile_repeated_blocks(dynamic=False, options=_compile_options(args) or None)
